@@ -1,0 +1,1 @@
+"""mmjax: multimodal foundation-model pretraining in JAX."""

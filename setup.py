@@ -1,0 +1,29 @@
+"""mmjax: multimodal (CoCa / CLIP / SigLIP) pretraining in JAX, from one CPU to a pod."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Multimodal foundation-model pretraining in JAX/Flax: CoCa, CLIP, SigLIP.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mmjax", "mmjax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "chex>=0.1.90",
+        "numpy>=1.26",
+        "absl-py",
+        "Pillow",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-xdist"]},
+)
