@@ -1,0 +1,98 @@
+"""CoCa: Contrastive Captioners (Yu et al. 2022).
+
+    image ──ViT──► tokens ─┬─ pooler(n=1)   ─► proj ─► x_img  ┐
+                           └─ pooler(n=256) ─► caption tokens │ L_con (λ=1): contrastive(x_img, x_txt)
+    text ──unimodal decoder──► [CLS] ─► proj ─► x_txt         ┘
+            └─► token features ──multimodal decoder(cross-attends caption tokens)──► logits
+                                                                  L_cap (λ=2): next-token CE
+
+Both poolers attend to the ViT's output (our reading of §3.2: "task-specific attentional
+pooling ... a single query for the contrastive loss, 256 queries for the captioning loss").
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models import layers, poolers, text, vit
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
+LOGIT_SCALE_MAX = math.log(100.0)  # clamp: τ ≥ 0.01
+
+
+class CoCa(nn.Module):
+    vocab_size: int
+    patch_size: int
+    vision_width: int
+    vision_depth: int
+    vision_mlp_dim: int
+    vision_heads: int
+    text_width: int
+    unimodal_depth: int
+    multimodal_depth: int
+    text_mlp_dim: int
+    text_heads: int
+    embed_dim: int
+    caption_queries: int = 256
+    pad_id: int = 0
+    dtype: layers.Dtype = jnp.float32
+
+    def setup(self):
+        self.image_encoder = vit.ViT(
+            self.patch_size, self.vision_width, self.vision_depth, self.vision_mlp_dim, self.vision_heads, self.dtype
+        )
+        self.contrastive_pooler = poolers.AttentionalPooler(1, self.vision_heads, self.dtype)
+        self.caption_pooler = poolers.AttentionalPooler(self.caption_queries, self.vision_heads, self.dtype)
+        self.image_projection = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "image_proj", False)
+        self.unimodal_decoder = text.UnimodalTextDecoder(
+            self.vocab_size,
+            self.text_width,
+            self.unimodal_depth,
+            self.text_mlp_dim,
+            self.text_heads,
+            self.pad_id,
+            self.dtype,
+        )
+        self.text_projection = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "text_proj", False)
+        self.multimodal_decoder = text.MultimodalTextDecoder(
+            self.vocab_size, self.multimodal_depth, self.text_mlp_dim, self.text_heads, self.dtype
+        )
+        self.logit_scale = self.param(
+            "logit_scale", layers.param_init(nn.initializers.constant(LOGIT_SCALE_INIT), ()), ()
+        )
+
+    def encode_image(self, images):
+        """-> (L2-normalised image embedding [B, embed_dim] f32, caption tokens [B, n, width])."""
+        tokens = self.image_encoder(images)
+        pooled = self.contrastive_pooler(tokens)[:, 0]
+        embedding = layers.l2_normalize(self.image_projection(pooled))
+        return embedding, self.caption_pooler(tokens)
+
+    def encode_text(self, tokens):
+        """-> (L2-normalised text embedding [B, embed_dim] f32, unimodal token features)."""
+        features, cls = self.unimodal_decoder(tokens)
+        return layers.l2_normalize(self.text_projection(cls)), features
+
+    def decode(self, text_features, caption_tokens):
+        """Next-token logits [B, L, vocab] (f32) from unimodal features and image tokens."""
+        return self.multimodal_decoder(text_features, caption_tokens).astype(jnp.float32)
+
+    def caption_logits(self, caption_tokens, tokens):
+        """Logits for `tokens` given precomputed image tokens: the greedy decoder's inner step."""
+        _, features = self.encode_text(tokens)
+        return self.decode(features, caption_tokens)
+
+    def clamped_logit_scale(self):
+        return jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX)
+
+    def __call__(self, images, tokens):
+        image_embedding, caption_tokens = self.encode_image(images)
+        text_embedding, features = self.encode_text(tokens)
+        return {
+            "image_embedding": image_embedding,
+            "text_embedding": text_embedding,
+            "logit_scale": self.clamped_logit_scale(),
+            "caption_logits": self.decode(features, caption_tokens),
+        }

@@ -1,0 +1,170 @@
+"""Transformer building blocks shared by every tower (ViT, text decoders, poolers).
+
+Every parameter is created with logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...);
+`mmjax.parallel.sharding` maps them to mesh axes with the config's rules table. Activations
+are constrained with `act_*` names so parameters and activations can be sharded differently
+(FSDP shards parameters on `embed`, never the activations' feature axis).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+NEG_INF = -1e9  # large, finite: a fully-masked row stays NaN-free
+
+
+def param_init(init, names: Sequence[str | None]):
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x, names: Sequence[str | None]):
+    """Shard an activation by logical names (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+class LayerNorm(nn.Module):
+    """Pre-LN normalisation, computed in f32 whatever the activation dtype."""
+
+    dtype: Dtype = jnp.float32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(
+            epsilon=self.epsilon,
+            dtype=jnp.float32,
+            scale_init=param_init(nn.initializers.ones, ("embed",)),
+            bias_init=param_init(nn.initializers.zeros, ("embed",)),
+        )(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head dot-product attention: softmax(q kᵀ / √d_head + mask) v, softmax in f32.
+
+    `kv` is the sequence attended to: `x` itself for self-attention, image tokens for
+    cross-attention. `mask` is boolean, broadcastable to [batch, heads, q_len, kv_len].
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv, mask=None):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+
+        def project(name, inputs):
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                dtype=self.dtype,
+                kernel_init=param_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+                bias_init=param_init(nn.initializers.zeros, ("heads", "kv")),
+                name=name,
+            )(inputs)
+
+        q = project("query", x) / jnp.sqrt(head_dim).astype(self.dtype)
+        k = project("key", kv)
+        v = project("value", kv)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("act_batch", "act_heads", None, None))
+        if mask is not None:
+            logits = jnp.where(mask, logits, NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=param_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+            bias_init=param_init(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward: W2 · GELU(W1 x)."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=param_init(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=param_init(nn.initializers.normal(1e-6), ("mlp",)),
+            name="fc1",
+        )(x)
+        h = constrain(nn.gelu(h), ("act_batch", "act_length", "act_mlp"))
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=param_init(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=param_init(nn.initializers.normal(1e-6), ("embed",)),
+            name="fc2",
+        )(h)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x += Attn(LN x); [x += CrossAttn(LN x, ctx)]; x += MLP(LN x)."""
+
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, context=None):
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        h = LayerNorm(self.dtype, name="ln_attn")(x)
+        x = x + Attention(self.num_heads, self.dtype, name="attn")(h, h, mask)
+        if self.cross_attention:
+            h = LayerNorm(self.dtype, name="ln_cross")(x)
+            x = x + Attention(self.num_heads, self.dtype, name="cross_attn")(h, context)
+        h = LayerNorm(self.dtype, name="ln_mlp")(x)
+        return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` identical blocks."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, context=None):
+        for i in range(self.depth):
+            x = Block(self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, name=f"block{i}")(
+                x, mask, context
+            )
+        return x
+
+
+def dense(features: int, names: Sequence[str | None], dtype, name: str, use_bias: bool = True):
+    """A Dense layer whose kernel carries `names` (input axis, output axis)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=param_init(nn.initializers.xavier_uniform(), names),
+        bias_init=param_init(nn.initializers.zeros, names[-1:]),
+        name=name,
+    )
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
