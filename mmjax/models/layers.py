@@ -61,14 +61,15 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
 
-        def project(name, inputs):
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
-                kernel_init=param_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-                bias_init=param_init(nn.initializers.zeros, ("heads", "kv")),
-                name=name,
-            )(inputs)
+        def param(name, shape, names, init):
+            return self.param(name, param_init(init, names), shape).astype(self.dtype)
+
+        xavier = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+
+        def project(name, inputs):  # x W + b with W: [width_in, heads, head_dim]
+            w = param(f"{name}_kernel", (inputs.shape[-1], self.num_heads, head_dim), ("embed", "heads", "kv"), xavier)
+            b = param(f"{name}_bias", (self.num_heads, head_dim), ("heads", "kv"), nn.initializers.zeros)
+            return jnp.einsum("bld,dhk->blhk", inputs.astype(self.dtype), w) + b
 
         q = project("query", x) / jnp.sqrt(head_dim).astype(self.dtype)
         k = project("key", kv)
@@ -79,14 +80,14 @@ class Attention(nn.Module):
             logits = jnp.where(mask, logits, NEG_INF)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=param_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-            bias_init=param_init(nn.initializers.zeros, ("embed",)),
-            name="out",
-        )(out)
+        w_out = param(
+            "out_kernel",
+            (self.num_heads, head_dim, width),
+            ("heads", "kv", "embed"),
+            nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+        )
+        b_out = param("out_bias", (width,), ("embed",), nn.initializers.zeros)
+        return jnp.einsum("bqhd,hde->bqe", out, w_out) + b_out
 
 
 class Mlp(nn.Module):

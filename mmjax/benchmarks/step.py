@@ -1,0 +1,92 @@
+"""Train-step throughput against this machine's dense f32 matmul throughput.
+
+    python -m mmjax.benchmarks.step --config=configs/coca.py [--config.batch_size=256] [--steps=20]
+
+Prints one JSON object per measurement, then a table. Achieved GFLOP/s = analytic FLOPs per
+step (mmjax.tools.flops) / median step time; XLA's own count is printed beside it.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmjax import optim, train
+from mmjax.data import pipeline
+from mmjax.models import build_model
+from mmjax.parallel import sharding
+from mmjax.tools import flops
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square f32 matmul reference.")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int, repeats: int) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / median_seconds(lambda: matmul(a), repeats) / 1e9
+
+
+def step_measurement(config, repeats: int) -> dict:
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    tok = pipeline.make_tokenizer(config.data, tempfile.mkdtemp() + "/tokenizer.model")
+    model = build_model(config.model, tok.vocab_size, tok.pad_id)
+    tx = optim.make_optimizer(config.optimizer, config.total_steps)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
+    batch = next(pipeline.train_iterator(config.data, tok, config.batch_size, config.seed))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, shardings = train.build_state(model, tx, config, mesh, rules)
+        batch = pipeline.to_global({k: batch[k] for k in ("image", "tokens")}, sharding.batch_sharding(mesh))
+        # No donation: the benchmark reuses one state for every timed call.
+        step = jax.jit(train.make_train_step(model, tx, schedule, config, mesh, tok.pad_id))
+        xla_flops = step.lower(state, batch).compile().cost_analysis()["flops"]
+        seconds = median_seconds(lambda: step(state, batch), repeats)
+    analytic = flops.train_step_flops(config, tok.vocab_size)
+    return {
+        "name": "train_step",
+        "batch_size": config.batch_size,
+        "step_seconds": seconds,
+        "examples_per_sec": config.batch_size / seconds,
+        "analytic_gflop_per_step": analytic / 1e9,
+        "xla_gflop_per_step": xla_flops / 1e9,
+        "gflops": analytic / seconds / 1e9,
+    }
+
+
+def main(argv):
+    del argv
+    env = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
+           "cpu": platform.processor() or platform.machine()}
+    step = {**step_measurement(_CONFIG.value, _STEPS.value), **env}
+    matmul = {"name": f"matmul_f32_{_MATMUL.value}", "gflops": matmul_gflops(_MATMUL.value, _STEPS.value), **env}
+    step["fraction_of_matmul"] = step["gflops"] / matmul["gflops"]
+    for row in (step, matmul):
+        print(json.dumps(row))
+    print(f"\n| measurement | examples/s | GFLOP/s | fraction of matmul |\n|---|---|---|---|")
+    print(f"| train step (batch {step['batch_size']}) | {step['examples_per_sec']:.0f} | {step['gflops']:.1f} "
+          f"| {step['fraction_of_matmul']:.2f} |")
+    print(f"| {matmul['name']} | - | {matmul['gflops']:.1f} | 1.00 |")
+
+
+if __name__ == "__main__":
+    app.run(main)

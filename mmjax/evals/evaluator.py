@@ -1,0 +1,76 @@
+"""Runs every evaluation of the embedded dataset's held-out split on a set of parameters."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mmjax.data import pipeline, shapes
+from mmjax.evals import captioning, retrieval, zeroshot
+from mmjax.parallel import sharding
+
+
+class Evaluator:
+    """Zero-shot top-1/5 over the attribute classes, recall@1/5 both ways, greedy captioning."""
+
+    def __init__(self, model, tokenizer, data_cfg, eval_cfg, mesh, param_shardings):
+        self.tokenizer = tokenizer
+        self.data = pipeline.eval_arrays(data_cfg, tokenizer, data_cfg.num_eval)
+        self.num_classes = len(shapes.CLASS_NAMES)
+        prompts = [p for label in range(self.num_classes) for p in shapes.zeroshot_prompts(label)]
+        self.prompts_per_class = len(prompts) // self.num_classes
+        self.prompt_tokens = tokenizer.encode(prompts, data_cfg.text_len)
+        shards = sharding.num_batch_shards(mesh)
+        self.chunk = -(-eval_cfg.batch_size // shards) * shards  # a multiple of the batch shards
+        batch = sharding.batch_sharding(mesh)
+        out = sharding.replicated(mesh)
+        text_len = data_cfg.text_len
+
+        def embed_images(params, images):
+            return model.apply({"params": params}, images, method=model.encode_image)[0]
+
+        def embed_texts(params, tokens):
+            return model.apply({"params": params}, tokens[:, :-1], method=model.encode_text)[0]
+
+        def caption(params, images):
+            _, caption_tokens = model.apply({"params": params}, images, method=model.encode_image)
+            # The model reads text_len - 1 inputs (the last token is only ever a target).
+            logits_fn = lambda t: model.apply({"params": params}, caption_tokens, t[:, :-1], method=model.caption_logits)
+            return captioning.greedy_decode(
+                logits_fn, images.shape[0], text_len, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+            )
+
+        jit = lambda f: jax.jit(f, in_shardings=(param_shardings, batch), out_shardings=out)
+        self._embed_images, self._embed_texts, self._caption = jit(embed_images), jit(embed_texts), jit(caption)
+
+    def _map(self, fn, params, inputs: np.ndarray) -> np.ndarray:
+        """Apply `fn` in fixed-size chunks (one compilation), padding the last one."""
+        outputs = []
+        for start in range(0, len(inputs), self.chunk):
+            part = inputs[start : start + self.chunk]
+            padded = np.concatenate([part, np.repeat(part[-1:], self.chunk - len(part), axis=0)])
+            outputs.append(np.asarray(fn(params, padded))[: len(part)])
+        return np.concatenate(outputs)
+
+    def __call__(self, params) -> dict[str, float]:
+        images, labels, captions = self.data["image"], self.data["label"], list(self.data["caption"])
+        image_emb = self._map(self._embed_images, params, images)
+        text_emb = self._map(self._embed_texts, params, self.data["tokens"])
+        classes = zeroshot.class_embeddings(self._map(self._embed_texts, params, self.prompt_tokens), self.prompts_per_class)
+        results = {
+            "zeroshot_top1": zeroshot.topk_accuracy(image_emb, classes, labels, 1),
+            "zeroshot_top5": zeroshot.topk_accuracy(image_emb, classes, labels, 5),
+            **retrieval.recall_at_k(image_emb, text_emb, captions),
+        }
+        predictions = self.tokenizer.decode(self._map(self._caption, params, images))
+        results.update(captioning.caption_metrics(predictions, captions))
+        self.last_predictions = list(zip(captions, predictions))
+        return results
+
+    def chance(self) -> dict[str, float]:
+        """What a model that learned nothing scores, for the results table."""
+        return {
+            "zeroshot_top1": 1 / self.num_classes,
+            "zeroshot_top5": 5 / self.num_classes,
+            "image_to_text_r@1": retrieval.chance_recall_at_1(self.data["caption"]),
+            "text_to_image_r@1": retrieval.chance_recall_at_1(self.data["caption"]),
+        }
