@@ -24,6 +24,7 @@ setup(
         "Pillow",
         "tensorboardX",
         "matplotlib",
+        "sacrebleu",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist"]},
 )

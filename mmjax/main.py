@@ -14,6 +14,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with a :variant suffix.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config>[_<variant>]).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first (TPU pods, SLURM, env-var clusters)."
+)
 
 
 def default_workdir(config_arg: str) -> str:
@@ -67,7 +70,7 @@ def parse_flags(argv):
     """absl parsing whose failures are one clear line and exit status 2."""
     try:
         rest = flags.FLAGS(argv)
-        _CONFIG.value  # configs load lazily: surface their errors here
+        _CONFIG.value.keys()  # configs load lazily: touch one to surface their errors here
         return rest
     except (flags.Error, AttributeError, OSError, ValueError, KeyError, TypeError) as e:
         print(f"error: {_one_line_error(e, argv)}", file=sys.stderr)
@@ -76,10 +79,14 @@ def parse_flags(argv):
 
 def main(argv):
     del argv
-    from mmjax import train  # after flag parsing: a bad flag fails fast, before jax starts
+    import jax
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()  # auto-detects the cluster; must precede any device query
+    from mmjax import train  # after flag parsing: a bad flag fails fast, before any device work
 
     config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
+    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
         train.run(config, workdir)
     except train.ConfigError as e:

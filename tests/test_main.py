@@ -1,0 +1,93 @@
+"""The command line: one clear line per bad input, preemption, a short real run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY = [
+    "--config.batch_size=16",
+    "--config.data.num_eval=32",
+    "--config.eval.batch_size=16",
+    "--config.model.vision.depth=1",
+    "--config.model.text.unimodal_depth=1",
+    "--config.model.text.multimodal_depth=1",
+]
+
+
+def mmjax_main(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "mmjax.main", *args], capture_output=True, text=True, timeout=600, **kwargs
+    )
+
+
+def single_error_line(result):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_unknown_config_key_names_valid_keys(tmp_path):
+    line = single_error_line(mmjax_main("--config=configs/coca.py", f"--workdir={tmp_path}", "--config.total_stepz=3"))
+    assert "total_stepz" in line and "total_steps" in line
+
+
+def test_unknown_nested_config_key(tmp_path):
+    line = single_error_line(mmjax_main("--config=configs/coca.py", f"--workdir={tmp_path}", "--config.model.widht=3"))
+    assert "model.widht" in line and "vision" in line
+
+
+def test_unknown_variant_names_valid_variants(tmp_path):
+    line = single_error_line(mmjax_main("--config=configs/coca.py:huge", f"--workdir={tmp_path}"))
+    assert "huge" in line and "valid" in line
+
+
+def test_missing_config_file(tmp_path):
+    line = single_error_line(mmjax_main("--config=configs/nope.py", f"--workdir={tmp_path}"))
+    assert "configs/nope.py" in line and "configs/coca.py" in line
+
+
+def test_bad_override_value(tmp_path):
+    line = single_error_line(mmjax_main("--config=configs/coca.py", f"--workdir={tmp_path}", "--config.total_steps=abc"))
+    assert "total_steps" in line
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = single_error_line(mmjax_main("--config=configs/coca.py", f"--workdir={blocker}/run", *TINY))
+    assert "not writable" in line and "--workdir" in line
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """Preemption: SIGTERM mid-run -> checkpoint at the current step, exit 0; re-run resumes."""
+    args = ["--config=configs/coca.py", f"--workdir={tmp_path}", *TINY, "--config.total_steps=1000",
+            "--config.log_every=1", "--config.eval_every=1000", "--config.checkpoint_every=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "mmjax.main", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "Preempted" in out
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 1000
+    resumed = mmjax_main(*args[:-4], "--config.total_steps=" + str(saved[0] + 1), "--config.log_every=1")
+    assert f"Resumed from step {saved[0]}" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+@pytest.mark.parametrize("steps", [2])
+def test_main_end_to_end(tmp_path, steps):
+    result = mmjax_main("--config=configs/coca.py", f"--workdir={tmp_path}", *TINY, f"--config.total_steps={steps}",
+                        "--config.log_every=1", "--config.eval_every=2", "--config.checkpoint_every=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final held-out results" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert (tmp_path / "curves.png").exists()
