@@ -190,3 +190,21 @@ def test_errors_name_the_problem_and_the_fix():
         contrastive.contrastive_loss("infonce", img, txt, t)
     with pytest.raises(ValueError, match=r"clip has no logit_bias"):
         contrastive.contrastive_loss("clip", img, txt, t, t)
+
+
+@pytest.mark.parametrize(
+    "platform, custom_call", [("gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")]
+)
+def test_kernels_lower_for_gpu_and_tpu(platform, custom_call, monkeypatch):
+    """CI has no accelerator: lowering for one checks the kernels against the Triton and
+    Mosaic TPU lowering rules (block shapes, ops), which interpret mode does not."""
+    monkeypatch.setattr(contrastive_pallas, "_backend", lambda: contrastive_pallas.backend_for(platform))
+    x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((), jnp.float32)
+    for kind in ("clip", "siglip"):
+        fn = lambda i, x, t, b: contrastive.contrastive_loss(
+            kind, i, x, t, b if kind == "siglip" else None, impl="pallas", block_size=256
+        )
+        traced = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3))).trace(x, x, s, s)
+        hlo = traced.lower(lowering_platforms=("cuda" if platform == "gpu" else "tpu",)).as_text()
+        assert hlo.count(custom_call) == 2  # the forward kernel and the backward kernel

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from mmjax.kernels import contrastive_tiles as tiles
 
-DEFAULT_BLOCK_SIZE = 1024
+DEFAULT_BLOCK_SIZE = 512
 
 
 class _Tiling:
