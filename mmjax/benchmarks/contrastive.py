@@ -9,8 +9,9 @@ One JSON object per measurement: XLA's compiled temporary memory
 gradient (all inputs) after warm-up, and TFLOP/s counted as 8·B²·d (forward logits 2B²d,
 one recompute 2B²d, two gradient matmuls 4B²d). A configuration whose compiled footprint
 would not fit in device memory is reported from the compile alone (time null): that is how
-dense is measured at B = 65,536 on a 24 GiB host. Where the device reports it, the process's
-peak device memory so far is included. `--sweep` also prints a markdown table.
+dense is measured at B = 65,536 on a 24 GiB host. The impls of one size are timed round-robin
+(fair on a shared host); where a single impl is timed and the device reports it, the
+process's peak device memory is included. `--sweep` also prints a markdown table.
 """
 import argparse
 import datetime
@@ -54,37 +55,54 @@ def _embeddings(batch, dim, dtype):
     return x[0].astype(dtype), x[1].astype(dtype)
 
 
-def measure(kind, impl, batch, dim, dtype, block_size, iters, memory_only=False):
+def compile_and_size(kind, impl, batch, dim, dtype, block_size):
+    """The compiled loss + grad, and its record with XLA's memory analysis filled in."""
     block_size = block_size or DEFAULT_BLOCK_SIZE[impl]
-    fn = _loss_and_grad(kind, impl, block_size)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     emb = jax.ShapeDtypeStruct((batch, dim), dtype)
-    compiled = fn.lower(emb, emb, scalar, scalar).compile()
+    compiled = _loss_and_grad(kind, impl, block_size).lower(emb, emb, scalar, scalar).compile()
     mem = compiled.memory_analysis()
     footprint = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    result = dict(
+    record = dict(
         kind=kind, impl=impl, batch=batch, dim=dim, dtype=jnp.dtype(dtype).name,
         block_size=block_size, temp_bytes=mem.temp_size_in_bytes, footprint_bytes=footprint,
         time_s=None, tflops=None, device=jax.devices()[0].device_kind, jax=jax.__version__,
         date=datetime.date.today().isoformat(),
     )
-    if memory_only or footprint > 0.8 * _device_memory_bytes():
-        return result
+    return compiled, record
+
+
+def time_round_robin(compiled_fns, batch, dim, dtype, iters):
+    """Median seconds of each function; every round runs each once, so the load of a
+    shared host falls on all of them alike."""
     img, txt = _embeddings(batch, dim, dtype)
-    t, b = jnp.float32(jnp.log(10.0)), jnp.float32(-10.0)
-    for _ in range(2):
-        jax.block_until_ready(compiled(img, txt, t, b))
-    times = []
+    args = (img, txt, jnp.float32(jnp.log(10.0)), jnp.float32(-10.0))
+    for fn in compiled_fns:
+        for _ in range(2):
+            jax.block_until_ready(fn(*args))
+    times = [[] for _ in compiled_fns]
     for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(img, txt, t, b))
-        times.append(time.perf_counter() - start)
-    result["time_s"] = statistics.median(times)
+        for fn, fn_times in zip(compiled_fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def measure(kind, impls, batch, dim, dtype, iters, memory_only=False):
+    """Records for each (impl, block_size) at one size; those that fit in memory are timed."""
+    compiled = [compile_and_size(kind, impl, batch, dim, dtype, bs) for impl, bs in impls]
+    budget = 0.8 * _device_memory_bytes()
+    timed = [(fn, r) for fn, r in compiled if not memory_only and r["footprint_bytes"] < budget]
+    if timed:
+        medians = time_round_robin([fn for fn, _ in timed], batch, dim, dtype, iters)
+        for (_, record), seconds in zip(timed, medians):
+            record["time_s"] = seconds
+            record["tflops"] = 8 * batch**2 * dim / seconds / 1e12
     peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    if peak is not None:
-        result["peak_bytes_in_use"] = peak
-    result["tflops"] = 8 * batch**2 * dim / result["time_s"] / 1e12
-    return result
+    if len(timed) == 1 and peak is not None:  # the process's peak: one impl's only if alone
+        timed[0][1]["peak_bytes_in_use"] = peak
+    return [record for _, record in compiled]
 
 
 def markdown(results):
@@ -126,11 +144,11 @@ def main(argv=None):
     results = []
     for kind in args.kind:
         for batch in args.batch:
-            for impl, block_size in args.impl:
-                r = measure(kind, impl, batch, args.dim, jnp.dtype(args.dtype), block_size,
-                            args.iters, args.memory_only)
+            records = measure(kind, args.impl, batch, args.dim, jnp.dtype(args.dtype),
+                              args.iters, args.memory_only)
+            for r in records:
                 print(json.dumps(r), flush=True)
-                results.append(r)
+            results += records
     if args.sweep:
         print(f"\n{results[0]['device']}, jax {jax.__version__}, {results[0]['date']}\n")
         print(markdown(results))
