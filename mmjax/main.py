@@ -9,7 +9,7 @@ import importlib.util
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with a :variant suffix.")
@@ -79,6 +79,8 @@ def parse_flags(argv):
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # keep the console to our progress lines
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     if _DISTRIBUTED.value:
