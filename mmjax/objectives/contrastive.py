@@ -17,10 +17,12 @@ Implementations (`impl=`), all equal to "dense" in value and gradient:
                on their device, text blocks travel a ring (`mmjax.kernels.contrastive_ring`);
                the tile math inside is `ring_tiles` ("blockwise" or "pallas"). Call it
                inside or outside `jax.jit` on global arrays; pass `mesh=`.
-`block_size` is the tile edge (default: the engine's).
+`block_size` is the tile edge (default: the engine's). "dense", "blockwise" and "pallas"
+see the embeddings as whole arrays and ignore `mesh`: given sharded embeddings under jit,
+XLA gathers them onto every device, so sharded training should use "ring".
 
-The trainer calls `contrastive_loss(kind, ...)` and selects impl/block_size/axis_names
-from its config.
+The trainer calls `contrastive_loss(kind, ...)` with impl/block_size from its config, its
+mesh, and the mesh's batch axes as `axis_names`.
 """
 import dataclasses
 import functools
@@ -177,7 +179,8 @@ class _Plan:
     ring_size: int = 1
 
     def run(self, fn, args, in_specs, out_specs):
-        """fn on whole arrays, or per device under shard_map (specs in terms of `B`)."""
+        """fn on whole arrays, or per device under shard_map; a spec is "B" for arrays
+        split over the batch axes, "" for replicated ones."""
         if self.mesh is None:
             return fn(*args)
         batch = P(self.axis_names)
