@@ -1,0 +1,90 @@
+"""SentencePiece tokenizer: fixed-length int32 rows of BOS, pieces, EOS, PAD.
+
+The model is trained in-process from an in-memory corpus (seconds) and cached at a
+path, so every run and every host reuses the same vocabulary.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Sequence
+
+import numpy as np
+import sentencepiece as spm
+from absl import logging
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """Thin wrapper over a SentencePieceProcessor with fixed-length batch encoding."""
+
+    pad_id = PAD_ID
+
+    def __init__(self, model_proto: bytes):
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+        if self.sp.pad_id() != PAD_ID:
+            raise ValueError(f"tokenizer pad id is {self.sp.pad_id()}, expected {PAD_ID}")
+
+    def encode(self, texts: Sequence[str], length: int) -> np.ndarray:
+        """int32 [N, length]; pieces are truncated so that EOS always fits."""
+        if length < 2:
+            raise ValueError(f"length must leave room for BOS and EOS, got {length}")
+        out = np.full((len(texts), length), self.pad_id, np.int32)
+        # One call per string: sentencepiece's list path costs ~20x more per text.
+        for row, text in zip(out, texts):
+            pieces = self.sp.encode(text)
+            ids = [self.bos_id, *pieces[: length - 2], self.eos_id]
+            row[: len(ids)] = ids
+        return out
+
+    def decode(self, ids) -> list[str]:
+        """Per row: text up to the first EOS, with BOS and PAD dropped."""
+        rows = []
+        for row in np.asarray(ids).tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            rows.append([i for i in row if i not in (self.bos_id, self.pad_id)])
+        return self.sp.decode(rows)
+
+
+def train(texts: Sequence[str], vocab_size: int) -> bytes:
+    """Trains a BPE model on `texts` and returns its serialized proto.
+
+    BPE rather than unigram: on a tiny grammar, unigram cannot reach more than a few
+    dozen pieces, while BPE merges up to whole words (short sequences) and still
+    spells unseen words out of characters.
+    """
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", character_coverage=1.0, num_threads=1, minloglevel=2,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (200). Please set it to a value <= 176."
+        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on {len(texts)} texts: {e}") from e
+    return model.getvalue()
+
+
+def load_or_train(model_path: str, texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Loads the model cached at `model_path`, or trains one on `texts` and caches it."""
+    if os.path.exists(model_path):
+        with open(model_path, "rb") as f:
+            tokenizer = Tokenizer(f.read())
+        if tokenizer.vocab_size != vocab_size:
+            raise ValueError(f"{model_path} holds a {tokenizer.vocab_size}-piece tokenizer, but "
+                             f"vocab_size={vocab_size} was asked for: delete the file or fix the config")
+        return tokenizer
+    proto = train(texts, vocab_size)
+    directory = os.path.dirname(os.path.abspath(model_path))
+    os.makedirs(directory, exist_ok=True)
+    # Write then rename: concurrent writers (several hosts, one shared disk) never expose
+    # a partial file, and all write the same bytes since training is deterministic.
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False) as f:
+        f.write(proto)
+    os.replace(f.name, model_path)
+    logging.info("trained a %d-piece tokenizer on %d texts -> %s", vocab_size, len(texts), model_path)
+    return Tokenizer(proto)
