@@ -31,15 +31,19 @@ def default_data_config() -> ml_collections.ConfigDict:
     ))
 
 
-def _source(data_cfg, split: str, num_examples: int) -> shapes.ShapesSource:
+def _check_dataset(data_cfg) -> None:
     if data_cfg.name != "shapes":
         raise ValueError(f"unknown dataset {data_cfg.name!r}; available: ['shapes']")
+
+
+def _source(data_cfg, split: str, num_examples: int) -> shapes.ShapesSource:
+    _check_dataset(data_cfg)
     return shapes.ShapesSource(split, num_examples, data_cfg.image_size, data_cfg.seed)
 
 
 def make_tokenizer(data_cfg, model_path: str) -> tokenizer_lib.Tokenizer:
     """The dataset's tokenizer, trained on every caption it can produce, cached at model_path."""
-    _source(data_cfg, "train", 0)  # validates the dataset name
+    _check_dataset(data_cfg)
     return tokenizer_lib.load_or_train(model_path, shapes.all_texts(), data_cfg.vocab_size)
 
 
