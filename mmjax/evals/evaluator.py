@@ -6,6 +6,7 @@ import numpy as np
 
 from mmjax.data import pipeline, shapes
 from mmjax.evals import captioning, retrieval, zeroshot
+from mmjax.models.coca import LOGIT_SCALE_MAX
 from mmjax.parallel import sharding
 
 
@@ -55,10 +56,12 @@ class Evaluator:
         images, labels, captions = self.data["image"], self.data["label"], list(self.data["caption"])
         image_emb = self._map(self._embed_images, params, images)
         text_emb = self._map(self._embed_texts, params, self.data["tokens"])
-        classes = zeroshot.class_embeddings(self._map(self._embed_texts, params, self.prompt_tokens), self.prompts_per_class)
+        prompt_emb = self._map(self._embed_texts, params, self.prompt_tokens)
+        logit_scale = min(float(params["logit_scale"]), LOGIT_SCALE_MAX)
+        scores = zeroshot.class_log_probs(image_emb, prompt_emb, self.prompts_per_class, logit_scale)
         results = {
-            "zeroshot_top1": zeroshot.topk_accuracy(image_emb, classes, labels, 1),
-            "zeroshot_top5": zeroshot.topk_accuracy(image_emb, classes, labels, 5),
+            "zeroshot_top1": zeroshot.topk_accuracy(scores, labels, 1),
+            "zeroshot_top5": zeroshot.topk_accuracy(scores, labels, 5),
             **retrieval.recall_at_k(image_emb, text_emb, captions),
         }
         predictions = self.tokenizer.decode(self._map(self._caption, params, images))
