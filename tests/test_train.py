@@ -131,3 +131,14 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 def test_batch_not_divisible_by_mesh_is_a_clear_error(tmp_path):
     with pytest.raises(train.ConfigError, match="multiple of 8"):
         train.run(tiny_train_config(batch_size=12), str(tmp_path))
+
+
+def test_weight_decay_skips_norms_biases_and_temperature():
+    config = tiny_train_config()
+    model = build_model(config.model, 40)
+    params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.uint8), np.ones((1, 7), np.int32)))["params"]
+    mask = optim.decay_mask(params)
+    assert not mask["logit_scale"]
+    block = mask["image_encoder"]["encoder"]["block0"]
+    assert not block["ln_attn"]["LayerNorm_0"]["scale"] and not block["mlp"]["fc1"]["bias"]
+    assert block["mlp"]["fc1"]["kernel"] and block["attn"]["query_kernel"]
