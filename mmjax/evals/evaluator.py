@@ -6,14 +6,15 @@ import numpy as np
 
 from mmjax.data import pipeline, shapes
 from mmjax.evals import captioning, retrieval, zeroshot
-from mmjax.models.coca import LOGIT_SCALE_MAX
 from mmjax.parallel import sharding
 
 
 class Evaluator:
-    """Zero-shot top-1/5 over the attribute classes, recall@1/5 both ways, greedy captioning."""
+    """Zero-shot top-1/5 over the attribute classes, recall@1/5 both ways, and greedy
+    captioning for models with a decoder (`model.has_decoder`: CoCa, not CLIP/SigLIP)."""
 
     def __init__(self, model, tokenizer, data_cfg, eval_cfg, mesh, param_shardings):
+        self.model = model
         self.tokenizer = tokenizer
         self.data = pipeline.eval_arrays(data_cfg, tokenizer, data_cfg.num_eval)
         self.num_classes = len(shapes.CLASS_NAMES)
@@ -53,20 +54,22 @@ class Evaluator:
         return np.concatenate(outputs)
 
     def __call__(self, params) -> dict[str, float]:
-        images, labels, captions = self.data["image"], self.data["label"], list(self.data["caption"])
+        images, labels, captions = self.data["image"], self.data["label"], [str(c) for c in self.data["caption"]]
         image_emb = self._map(self._embed_images, params, images)
         text_emb = self._map(self._embed_texts, params, self.data["tokens"])
         prompt_emb = self._map(self._embed_texts, params, self.prompt_tokens)
-        logit_scale = min(float(params["logit_scale"]), LOGIT_SCALE_MAX)
+        logit_scale = float(self.model.apply({"params": params}, method=self.model.clamped_logit_scale))
         scores = zeroshot.class_log_probs(image_emb, prompt_emb, self.prompts_per_class, logit_scale)
         results = {
             "zeroshot_top1": zeroshot.topk_accuracy(scores, labels, 1),
             "zeroshot_top5": zeroshot.topk_accuracy(scores, labels, 5),
             **retrieval.recall_at_k(image_emb, text_emb, captions),
         }
-        predictions = self.tokenizer.decode(self._map(self._caption, params, images))
-        results.update(captioning.caption_metrics(predictions, captions))
-        self.last_predictions = list(zip(captions, predictions))
+        self.last_predictions = []
+        if self.model.has_decoder:
+            predictions = self.tokenizer.decode(self._map(self._caption, params, images))
+            results.update(captioning.caption_metrics(predictions, captions))
+            self.last_predictions = list(zip(captions, predictions))
         return results
 
     def chance(self) -> dict[str, float]:
