@@ -136,21 +136,55 @@ class Block(nn.Module):
         return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
 
 
+# Rematerialisation per block: which intermediates the backward pass may keep instead of
+# recomputing. "dots" keeps the weight matmuls' outputs (no batch dims: not the L×L scores).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
+SCANNED_BLOCKS = "blocks"  # the scanned stack's parameter name
+
+
 class Transformer(nn.Module):
-    """A stack of `depth` identical blocks."""
+    """A stack of `depth` identical blocks.
+
+    remat: "none" | "full" | "dots" (REMAT_POLICIES), applied to each block.
+    scan: one `nn.scan` over the blocks, so compile time does not grow with depth; the
+      parameters are stacked on a leading `layers` axis under "blocks" instead of living
+      under "block0".."block{depth-1}" (`mmjax.models.scan_layout` converts between the two).
+    """
 
     depth: int
     num_heads: int
     mlp_dim: int
     cross_attention: bool = False
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None, context=None):
-        for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, name=f"block{i}")(
-                x, mask, context
-            )
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; valid: {list(REMAT_CHOICES)}")
+        block = Block
+        if self.remat != "none":
+            # Under scan, CSE across iterations cannot happen: no need for its barrier.
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        make = lambda name: block(self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, name=name)
+        if not self.scan:
+            for i in range(self.depth):
+                x = make(f"block{i}")(x, mask, context)
+            return x
+        stack = nn.scan(
+            lambda blk, carry, mask, context: (blk(carry, mask, context), None),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=self.depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(make(SCANNED_BLOCKS), x, mask, context)
         return x
 
 
