@@ -4,12 +4,47 @@ Default: a small CoCa on the embedded shapes dataset, trained on a 2-core CPU in
 
     python -m mmjax.main --config=configs/coca.py
     python -m mmjax.main --config=configs/coca.py --config.total_steps=200 --workdir=/tmp/coca
+
+Paper sizes (Table 1), for accelerator pods; inspect them without allocating anything:
+
+    python -m mmjax.tools.summary --config=configs/coca.py:base     # also :large, :giant
+    python -m mmjax.main --config=configs/coca.py:base --workdir=runs/coca_base
+
+Our reading of the paper for those variants:
+  * Sizes: image encoder layers/MLP/width/heads, text decoder n_uni+n_multi/MLP/width/heads —
+    base 12/3072/768/12, 12+12/3072/768/12; large 24/4096/1024/16, 12+12/4096/1024/16;
+    giant ("CoCa") 40/6144/1408/16, 18+18/5632/1408/16.
+  * Images 288×288 with 18×18 patches: 256 image tokens. Two attentional poolers (one
+    multi-head attention layer with n learned queries, then LayerNorm) attend to the ViT's
+    output in parallel (Figure 2's pseudocode passes `img_feature` to both): n=1 gives the
+    contrastive image embedding, n=256 the tokens every multimodal layer cross-attends to.
+  * Text: a 64k SentencePiece vocabulary; the unimodal decoder's [CLS] output (appended
+    after the text) is the text embedding; the output projection is not tied to the input
+    embedding.
+  * Contrastive embedding dimension: the paper gives none (Figure 2 contrasts the pooled
+    features directly); we use the model width (768/1024/1408) and keep a linear
+    projection per tower, as open_clip's CoCa does (2·width² extra parameters).
+  * Loss 1·L_con + 2·L_cap; batch 65,536, 500k steps, peak lr 8e-4 after a 2% warmup, β1 0.9,
+    β2 0.999, decoupled weight decay 0.01. The paper uses Adafactor and a linear decay; we
+    use our AdamW and cosine decay with those values.
+  * Not in the paper: text context length — we use 64 tokens (ALIGN's and SigLIP's).
+Data: real image–text loaders come later. Until then the paper variants train on the
+embedded shapes dataset rendered at 288 px, with captions padded to the 64-token context
+and tokenized by its small BPE model, whose ids fit inside the 64k embedding table
+(model.vocab_size). The run settings are the paper's; run them on a pod, not a laptop.
 """
 import ml_collections
 
 from mmjax.data.pipeline import default_data_config
 
-VARIANTS = ("",)  # the paper sizes (base, large, giant) come with the model zoo
+VARIANTS = ("", "base", "large", "giant")
+
+# Table 1. One width for both towers; the text decoder is n_uni unimodal + n_multi multimodal layers.
+PAPER_SIZES = {
+    "base": dict(width=768, heads=12, vision_depth=12, vision_mlp=3072, n_uni=12, n_multi=12, text_mlp=3072),
+    "large": dict(width=1024, heads=16, vision_depth=24, vision_mlp=4096, n_uni=12, n_multi=12, text_mlp=4096),
+    "giant": dict(width=1408, heads=16, vision_depth=40, vision_mlp=6144, n_uni=18, n_multi=18, text_mlp=5632),
+}
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -38,6 +73,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(
         dict(width=128, unimodal_depth=2, multimodal_depth=2, mlp_dim=512, heads=2)
     )
+    # Memory/speed options, all off by default.
+    c.model.remat = "none"  # per block: none | full (save nothing) | dots (save weight matmuls)
+    c.model.scan_layers = False  # nn.scan over identical blocks: compile time independent of depth
+    c.model.patch_dropout = 0.0  # FLIP: share of image patches dropped in training
+    c.model.lock_image = False  # LiT: freeze the image tower
+    c.model.lock_text = False  # LiT: freeze the text tower
 
     c.objective = ml_collections.ConfigDict()
     c.objective.contrastive = "clip"  # symmetric InfoNCE; "siglip" for the sigmoid loss
@@ -72,6 +113,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         ("length", None),
         ("patch", None),
         ("proj", None),
+        ("layers", None),  # the stacked axis of scanned blocks
         ("act_batch", ["data", "fsdp"]),
         ("act_length", None),
         ("act_embed", None),
@@ -82,4 +124,34 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
+    if variant:
+        paper_variant(c, PAPER_SIZES[variant])
     return c
+
+
+def paper_variant(c: ml_collections.ConfigDict, size: dict) -> None:
+    """The paper's model and run settings on top of the default config."""
+    w = size["width"]
+    c.model.update(dict(dtype="bfloat16", embed_dim=w, caption_queries=256, vocab_size=64_000))
+    c.model.vision.update(
+        dict(patch_size=18, width=w, depth=size["vision_depth"], mlp_dim=size["vision_mlp"], heads=size["heads"])
+    )
+    c.model.text.update(
+        dict(
+            width=w,
+            unimodal_depth=size["n_uni"],
+            multimodal_depth=size["n_multi"],
+            mlp_dim=size["text_mlp"],
+            heads=size["heads"],
+        )
+    )
+    c.model.scan_layers = True  # compile time independent of depth
+    c.model.remat = "full" if w > 1024 else "dots"  # the 2.1B model keeps only block inputs
+    c.data.image_size = 288
+    c.data.text_len = 65  # BOS…EOS rows; the model reads all but the last: a 64-token context
+    c.batch_size = 65_536
+    c.total_steps = 500_000
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
+    c.optimizer.update(dict(learning_rate=8e-4, warmup_steps=10_000, b2=0.999, weight_decay=0.01))
+    c.objective.block_size = 1024
+    c.mesh.data, c.mesh.fsdp = 1, -1  # fully sharded data parallel over every device

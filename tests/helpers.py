@@ -11,6 +11,11 @@ def tiny_model_config(dtype: str = "float32") -> ml_collections.ConfigDict:
             caption_queries=8,
             vision=dict(patch_size=8, width=32, depth=1, mlp_dim=64, heads=2),
             text=dict(width=32, unimodal_depth=1, multimodal_depth=1, mlp_dim=64, heads=2),
+            remat="none",
+            scan_layers=False,
+            patch_dropout=0.0,
+            lock_image=False,
+            lock_text=False,
         )
     )
 
@@ -40,3 +45,19 @@ def tiny_train_config(**overrides) -> ml_collections.ConfigDict:
             node = node[part]
         node[leaf] = value
     return config
+
+
+def tiny_zoo_model(config_file: str, depth: int = 2) -> ml_collections.ConfigDict:
+    """The model section of `config_file`'s default, shrunk to width 32 and `depth` blocks
+    per stack (≥ 2 so that a scan over the blocks is a real loop)."""
+    from mmjax.configs import load_config
+
+    model = load_config(config_file).model
+    model.embed_dim = 32
+    model.vision.update(dict(patch_size=8, width=32, depth=depth, mlp_dim=64, heads=2))
+    if model.name == "coca":
+        model.caption_queries = 8
+        model.text.update(dict(width=32, unimodal_depth=depth, multimodal_depth=depth, mlp_dim=64, heads=2))
+    else:
+        model.text.update(dict(width=32, depth=depth, mlp_dim=64, heads=2))
+    return model

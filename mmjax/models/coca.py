@@ -6,23 +6,32 @@
             └─► token features ──multimodal decoder(cross-attends caption tokens)──► logits
                                                                   L_cap (λ=2): next-token CE
 
-Both poolers attend to the ViT's output (our reading of §3.2: "task-specific attentional
-pooling ... a single query for the contrastive loss, 256 queries for the captioning loss").
+Both poolers attend to the ViT's output in parallel (our reading of §3.2, "task-specific
+attentional pooling ... n_query = 256 for the generative loss and n_query = 1 for the
+contrastive loss", and of its Figure 2 pseudocode, where both poolers take `img_feature`;
+open_clip calls this arrangement "parallel", as opposed to "cascade").
 """
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models import layers, poolers, text, vit
-
-LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
-LOGIT_SCALE_MAX = math.log(100.0)  # clamp: τ ≥ 0.01
+from mmjax.models.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 
 
 class CoCa(nn.Module):
+    # Top-level parameters of each tower (parameter counts, LiT locking).
+    towers: ClassVar[dict[str, tuple[str, ...]]] = {
+        "image": ("image_encoder", "contrastive_pooler", "caption_pooler", "image_proj"),
+        "text": ("unimodal_decoder", "text_proj"),
+        "decoder": ("multimodal_decoder",),
+        "shared": ("logit_scale",),
+    }
+    has_decoder: ClassVar[bool] = True
+
     vocab_size: int
     patch_size: int
     vision_width: int
@@ -38,10 +47,21 @@ class CoCa(nn.Module):
     caption_queries: int = 256
     pad_id: int = 0
     dtype: layers.Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
+    patch_dropout: float = 0.0
 
     def setup(self):
         self.image_encoder = vit.ViT(
-            self.patch_size, self.vision_width, self.vision_depth, self.vision_mlp_dim, self.vision_heads, self.dtype
+            self.patch_size,
+            self.vision_width,
+            self.vision_depth,
+            self.vision_mlp_dim,
+            self.vision_heads,
+            self.dtype,
+            patch_dropout=self.patch_dropout,
+            remat=self.remat,
+            scan=self.scan_layers,
         )
         self.contrastive_pooler = poolers.AttentionalPooler(1, self.vision_heads, self.dtype)
         self.caption_pooler = poolers.AttentionalPooler(self.caption_queries, self.vision_heads, self.dtype)
@@ -54,18 +74,26 @@ class CoCa(nn.Module):
             self.text_heads,
             self.pad_id,
             self.dtype,
+            self.remat,
+            self.scan_layers,
         )
         self.text_projection = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "text_proj", False)
         self.multimodal_decoder = text.MultimodalTextDecoder(
-            self.vocab_size, self.multimodal_depth, self.text_mlp_dim, self.text_heads, self.dtype
+            self.vocab_size,
+            self.multimodal_depth,
+            self.text_mlp_dim,
+            self.text_heads,
+            self.dtype,
+            self.remat,
+            self.scan_layers,
         )
         self.logit_scale = self.param(
             "logit_scale", layers.param_init(nn.initializers.constant(LOGIT_SCALE_INIT), ()), ()
         )
 
-    def encode_image(self, images):
+    def encode_image(self, images, train: bool = False):
         """-> (L2-normalised image embedding [B, embed_dim] f32, caption tokens [B, n, width])."""
-        tokens = self.image_encoder(images)
+        tokens = self.image_encoder(images, train)
         pooled = self.contrastive_pooler(tokens)[:, 0]
         embedding = layers.l2_normalize(self.image_projection(pooled))
         return embedding, self.caption_pooler(tokens)
@@ -87,8 +115,8 @@ class CoCa(nn.Module):
     def clamped_logit_scale(self):
         return jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX)
 
-    def __call__(self, images, tokens):
-        image_embedding, caption_tokens = self.encode_image(images)
+    def __call__(self, images, tokens, train: bool = False):
+        image_embedding, caption_tokens = self.encode_image(images, train)
         text_embedding, features = self.encode_text(tokens)
         return {
             "image_embedding": image_embedding,

@@ -1,7 +1,9 @@
-"""Attentional pooler (CoCa §3.2): n learned queries cross-attend to the encoder's tokens.
+"""Poolers: learned queries cross-attend to the image encoder's tokens.
 
-CoCa uses two: n=1 gives the image embedding for the contrastive loss, n=256 gives the
-tokens the multimodal decoder cross-attends to ("task-specific attentional pooling").
+AttentionalPooler (CoCa §3.2): CoCa uses two: n=1 gives the image embedding for the
+contrastive loss, n=256 gives the tokens the multimodal decoder cross-attends to
+("task-specific attentional pooling").
+MAPHead (SigLIP, big_vision): one probe, then a residual MLP.
 """
 from __future__ import annotations
 
@@ -27,3 +29,22 @@ class AttentionalPooler(nn.Module):
         queries = jnp.broadcast_to(queries.astype(self.dtype), (tokens.shape[0], self.num_queries, width))
         pooled = layers.Attention(self.num_heads, self.dtype, name="attn")(queries, tokens)
         return layers.LayerNorm(self.dtype, name="ln_out")(pooled)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision's MAPHead, SigLIP's image pooling):
+    y = Attn(probe, tokens);  z = y + MLP(LN y);  -> z [B, width]."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        width = tokens.shape[-1]
+        probe_init = layers.param_init(nn.initializers.xavier_uniform(), ("length", "embed"))
+        probe = self.param("probe", probe_init, (1, width))
+        probe = jnp.broadcast_to(probe.astype(self.dtype), (tokens.shape[0], 1, width))
+        y = layers.Attention(self.num_heads, self.dtype, name="attn")(probe, tokens)
+        z = y + layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(layers.LayerNorm(self.dtype, name="ln")(y))
+        return z[:, 0]

@@ -1,8 +1,15 @@
-"""Vision Transformer image encoder (Dosovitskiy et al. 2021), without a class token:
-CoCa pools its output with attentional poolers instead."""
+"""Vision Transformer image encoder (Dosovitskiy et al. 2021).
+
+One module serves the three families; they differ only in options:
+  CoCa:    no class token, patch bias, LN at the end; pooled by attentional poolers.
+  CLIP:    class token, no patch bias, LN before (ln_pre) and after the encoder (open_clip).
+  SigLIP:  like CoCa; pooled by a MAP head (big_vision).
+FLIP patch dropout (Li et al. 2023) drops a random share of the patch tokens in training.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
@@ -18,8 +25,23 @@ def patchify(images, patch_size: int):
     return x.reshape(b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
 
 
+def kept_patches(num_patches: int, rate: float) -> int:
+    """How many patch tokens FLIP keeps: the same count for every image (static shapes)."""
+    return max(1, int(num_patches * (1.0 - rate)))
+
+
+def patch_dropout(tokens, rate: float, rng, num_prefix: int = 0):
+    """Keep a random subset of each image's patch tokens; the first `num_prefix` (a class
+    token) always stay. Positions are already embedded, so the kept order does not matter."""
+    prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
+    batch, n, _ = patches.shape
+    order = jnp.argsort(jax.random.uniform(rng, (batch, n)), axis=1)[:, : kept_patches(n, rate)]
+    kept = jnp.take_along_axis(patches, order[:, :, None], axis=1)
+    return jnp.concatenate([prefix, kept], axis=1)
+
+
 class ViT(nn.Module):
-    """Images uint8 [B, H, W, 3] (or float in [-1, 1]) -> image tokens [B, N, width]."""
+    """Images uint8 [B, H, W, 3] (or float in [-1, 1]) -> image tokens [B, N(+1), width]."""
 
     patch_size: int
     width: int
@@ -27,18 +49,34 @@ class ViT(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: layers.Dtype = jnp.float32
+    class_token: bool = False  # prepend a learned [CLS] token (CLIP pools it)
+    patch_bias: bool = True
+    pre_norm: bool = False  # CLIP's ln_pre on the embedded tokens
+    patch_dropout: float = 0.0  # FLIP: share of patch tokens dropped in training
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, train: bool = False):
         if images.dtype == jnp.uint8:
             images = images.astype(jnp.float32) / 127.5 - 1.0
         patches = patchify(images.astype(self.dtype), self.patch_size)
-        x = layers.dense(self.width, ("patch", "embed"), self.dtype, "patch_embed")(patches)
+        x = layers.dense(self.width, ("patch", "embed"), self.dtype, "patch_embed", self.patch_bias)(patches)
+        if self.class_token:
+            cls = self.param("cls", layers.param_init(nn.initializers.normal(0.02), ("embed",)), (self.width,))
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], axis=1)
         pos = self.param(
             "pos_embedding",
             layers.param_init(nn.initializers.normal(0.02), ("length", "embed")),
             x.shape[1:],
         )
         x = x + pos.astype(self.dtype)
-        x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x)
-        return layers.LayerNorm(self.dtype, name="ln_out")(x)
+        if train and self.patch_dropout > 0:
+            x = patch_dropout(x, self.patch_dropout, self.make_rng("dropout"), num_prefix=int(self.class_token))
+        if self.pre_norm:
+            x = layers.LayerNorm(self.dtype, name="ln_pre")(x)
+        x = layers.Transformer(
+            self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, remat=self.remat, scan=self.scan, name="encoder"
+        )(x)
+        x = layers.LayerNorm(self.dtype, name="ln_out")(x)
+        return layers.constrain(x, ("act_batch", "act_length", "act_embed"))

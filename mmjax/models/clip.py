@@ -1,0 +1,133 @@
+"""Two-tower contrastive models: CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023).
+
+    image ──ViT──► tokens ──pool──► W_img ──► x_img / ‖x_img‖ ┐
+    text ──TextEncoder──► pooled ──► W_txt ──► x_txt / ‖x_txt‖ ┘ logits = exp(t)·x_img·x_txtᵀ (+ b)
+
+CLIP, as open_clip's ViT-B/32, B/16, L/14 (image_pool="cls", text_pool="eot"): the image is
+pooled at a [CLS] token (ViT with ln_pre and a bias-free patch embedding), the text is
+causal and pooled at its end-of-text token; projections have no bias; t = log(1/0.07) is
+learned and clamped at log 100; softmax loss.
+SigLIP, as big_vision's two_towers B/16 (image_pool="map", text_pool="last"): the image is
+pooled by a MAP head, the text is bidirectional and pooled at the last position;
+projections ("heads") have a bias; t′ = log 10 and b = −10 are learned, t is not clamped;
+sigmoid loss (config.objective.contrastive = "siglip").
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models import layers, poolers, text, vit
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
+LOGIT_SCALE_MAX = math.log(100.0)  # clamp: τ ≥ 0.01
+IMAGE_POOLING = ("cls", "map")
+
+
+class CLIP(nn.Module):
+    towers: ClassVar[dict[str, tuple[str, ...]]] = {
+        "image": ("image_encoder", "image_pooler", "image_proj"),
+        "text": ("text_encoder", "text_proj"),
+        "shared": ("logit_scale", "logit_bias"),
+    }
+    has_decoder: ClassVar[bool] = False
+
+    vocab_size: int
+    patch_size: int
+    vision_width: int
+    vision_depth: int
+    vision_mlp_dim: int
+    vision_heads: int
+    text_width: int
+    text_depth: int
+    text_mlp_dim: int
+    text_heads: int
+    embed_dim: int
+    image_pool: str = "cls"
+    text_pool: str = "eot"
+    projection_bias: bool = False
+    logit_scale_init: float = LOGIT_SCALE_INIT
+    logit_scale_max: float | None = LOGIT_SCALE_MAX  # None: not clamped
+    logit_bias_init: float | None = None  # SigLIP's b; None: no bias (CLIP)
+    pad_id: int = 0
+    dtype: layers.Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
+    patch_dropout: float = 0.0
+
+    def setup(self):
+        if self.image_pool not in IMAGE_POOLING:
+            raise ValueError(f"unknown image pooling {self.image_pool!r}; valid: {list(IMAGE_POOLING)}")
+        cls = self.image_pool == "cls"
+        self.image_encoder = vit.ViT(
+            self.patch_size,
+            self.vision_width,
+            self.vision_depth,
+            self.vision_mlp_dim,
+            self.vision_heads,
+            self.dtype,
+            class_token=cls,
+            patch_bias=not cls,
+            pre_norm=cls,
+            patch_dropout=self.patch_dropout,
+            remat=self.remat,
+            scan=self.scan_layers,
+        )
+        if not cls:
+            self.image_pooler = poolers.MAPHead(self.vision_heads, self.vision_mlp_dim, self.dtype)
+        self.image_projection = layers.dense(
+            self.embed_dim, ("embed", "proj"), self.dtype, "image_proj", self.projection_bias
+        )
+        self.text_encoder = text.TextEncoder(
+            self.vocab_size,
+            self.text_width,
+            self.text_depth,
+            self.text_mlp_dim,
+            self.text_heads,
+            self.text_pool,
+            self.pad_id,
+            self.dtype,
+            self.remat,
+            self.scan_layers,
+        )
+        self.text_projection = layers.dense(
+            self.embed_dim, ("embed", "proj"), self.dtype, "text_proj", self.projection_bias
+        )
+        self.logit_scale = self.param(
+            "logit_scale", layers.param_init(nn.initializers.constant(self.logit_scale_init), ()), ()
+        )
+        if self.logit_bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias", layers.param_init(nn.initializers.constant(self.logit_bias_init), ()), ()
+            )
+
+    def encode_image(self, images, train: bool = False):
+        """-> (L2-normalised image embedding [B, embed_dim] f32, image tokens [B, N(+1), width])."""
+        tokens = self.image_encoder(images, train)
+        pooled = tokens[:, 0] if self.image_pool == "cls" else self.image_pooler(tokens)
+        return layers.l2_normalize(self.image_projection(pooled)), tokens
+
+    def encode_text(self, tokens):
+        """-> (L2-normalised text embedding [B, embed_dim] f32, token features [B, L, width])."""
+        pooled, features = self.text_encoder(tokens)
+        return layers.l2_normalize(self.text_projection(pooled)), features
+
+    def clamped_logit_scale(self):
+        if self.logit_scale_max is None:
+            return self.logit_scale
+        return jnp.minimum(self.logit_scale, self.logit_scale_max)
+
+    def __call__(self, images, tokens, train: bool = False):
+        image_embedding, _ = self.encode_image(images, train)
+        text_embedding, _ = self.encode_text(tokens)
+        outputs = {
+            "image_embedding": image_embedding,
+            "text_embedding": text_embedding,
+            "logit_scale": self.clamped_logit_scale(),
+        }
+        if self.logit_bias_init is not None:
+            outputs["logit_bias"] = self.logit_bias
+        return outputs
