@@ -1,8 +1,11 @@
-"""AdamW with linear warmup and cosine decay; no weight decay on norms, biases, the temperature."""
+"""AdamW with linear warmup and cosine decay; no weight decay on norms, biases, the temperature.
+Locked (LiT) parameters get no update at all."""
 from __future__ import annotations
 
 import jax
 import optax
+
+from mmjax.models.layers import SCANNED_BLOCKS
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -16,11 +19,18 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Decay matrices only: norms' scales, biases and the (scalar) logit scale have ndim < 2."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay matrices only: norms' scales, biases and the (scalar) logit scale have ndim < 2
+    (counted per layer: scanned blocks carry an extra leading `layers` axis)."""
+
+    def is_matrix(path, p):
+        scanned = any(getattr(k, "key", None) == SCANNED_BLOCKS for k in path)
+        return p.ndim - scanned >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, total_steps: int, locked_mask=None) -> optax.GradientTransformation:
+    """`locked_mask(params)` -> bools, True for frozen parameters (mmjax.models.towers)."""
     if opt_cfg.name != "adamw":
         raise ValueError(f"unknown optimizer.name {opt_cfg.name!r}; valid: ['adamw']")
     chain = []
@@ -36,4 +46,8 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
             mask=decay_mask,
         )
     )
-    return optax.chain(*chain)
+    tx = optax.chain(*chain)
+    if locked_mask is None:
+        return tx
+    labels = lambda params: jax.tree.map(lambda frozen: "locked" if frozen else "trained", locked_mask(params))
+    return optax.multi_transform({"trained": tx, "locked": optax.set_to_zero()}, labels)

@@ -17,7 +17,7 @@ import optax
 from mmjax import checkpoint, metrics, optim
 from mmjax.data import pipeline
 from mmjax.evals.evaluator import Evaluator
-from mmjax.models import build_model
+from mmjax.models import build_model, towers
 from mmjax.objectives import multimodal
 from mmjax.parallel import sharding
 
@@ -67,14 +67,30 @@ def build_state(model, tx, config, mesh, rules):
     return state, shardings
 
 
+def locked_mask(model, model_cfg):
+    """LiT: fn(params) -> True for the locked towers' parameters, or None if nothing is locked."""
+    locked = towers.locked_towers(model_cfg)
+    return towers.locked_mask(model, locked) if locked else None
+
+
 def make_train_step(model, tx, schedule, config, mesh, pad_id):
+    locked = locked_mask(model, config.model)
+
     def train_step(state, batch):
         inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+        # Training-only randomness (FLIP patch dropout) from (seed, step): a resumed run
+        # draws exactly what the uninterrupted one did.
+        dropout_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
 
         def loss_fn(params):
-            outputs = model.apply({"params": params}, batch["image"], inputs)
+            if locked is not None:
+                params = towers.stop_locked_gradients(params, locked(params))
+            outputs = model.apply(
+                {"params": params}, batch["image"], inputs, train=True, rngs={"dropout": dropout_rng}
+            )
             loss, components = multimodal.total_loss(outputs, targets, config.objective, pad_id, mesh)
-            return loss, {**components, "logit_scale": outputs["logit_scale"]}
+            scalars = {k: outputs[k] for k in ("logit_scale", "logit_bias") if k in outputs}
+            return loss, {**components, **scalars}
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -112,7 +128,7 @@ def run(config, workdir: str) -> dict[str, float]:
     tok = pipeline.make_tokenizer(config.data, os.path.join(workdir, "tokenizer.model"))
     model = build_model(config.model, tok.vocab_size, tok.pad_id)
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    tx = optim.make_optimizer(config.optimizer, config.total_steps)
+    tx = optim.make_optimizer(config.optimizer, config.total_steps, locked_mask(model, config.model))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, state_shardings = build_state(model, tx, config, mesh, rules)
@@ -188,6 +204,7 @@ def print_results(results: dict, chance: dict, predictions) -> None:
     for key, value in results.items():
         ch = f"{chance[key]:.3f}" if key in chance else "-"
         print(f"  {key:<24}{value:>8.3f}{ch:>9}")
-    print("\nSample captions (reference -> greedy):")
+    if predictions:  # a captioner's (CoCa); two-tower models make none
+        print("\nSample captions (reference -> greedy):")
     for ref, pred in predictions[:5]:
         print(f"  {ref!r:<32} -> {pred!r}")
