@@ -1,0 +1,92 @@
+"""CLIP pretraining (Radford et al. 2021) with open_clip's ViT-B/32, ViT-B/16 and ViT-L/14.
+
+Default: a small CLIP on the embedded shapes dataset, trained on a 2-core CPU in minutes
+(configs/coca.py's run settings, no captioning loss).
+
+    python -m mmjax.main --config=configs/clip.py
+    python -m mmjax.main --config=configs/clip.py:vit_b32 --workdir=runs/clip_b32   # on a pod
+    python -m mmjax.tools.summary --config=configs/clip.py:vit_l14
+
+The variants follow open_clip's model configs: 224 px images; text context 77, vocabulary
+49,408, 12 layers, MLP 4×; pre-LN blocks; the image is pooled at a [CLS] token after
+ln_post and projected without bias; the text is causal and pooled at its end-of-text
+token; learnable temperature log(1/0.07), clamped at log 100.
+
+    variant  embed  vision width/layers/heads/patch  text width/heads
+    vit_b32  512    768 / 12 / 12 / 32               512 / 8
+    vit_b16  512    768 / 12 / 12 / 16               512 / 8
+    vit_l14  768    1024 / 24 / 16 / 14              768 / 12
+
+Run settings: roughly open_clip's LAION-400M recipe (batch 32,768, lr 5e-4, weight decay
+0.2, β2 0.98, ε 1e-6, 10k warmup steps, ~32 epochs). Data: real image–text loaders come
+later; until then the variants train on the shapes dataset rendered at 224 px, tokenized
+by its small BPE model, whose ids fit inside the 49,408-row embedding table.
+"""
+import math
+
+import ml_collections
+
+from mmjax.configs import load_config, sibling
+
+VARIANTS = ("", "vit_b32", "vit_b16", "vit_l14")
+
+# open_clip's model configs: embed dim, patch; vision width/layers/heads; text width/heads.
+OPEN_CLIP_SIZES = {
+    "vit_b32": dict(embed=512, patch=32, vision_width=768, vision_depth=12, vision_heads=12, text_width=512, text_heads=8),
+    "vit_b16": dict(embed=512, patch=16, vision_width=768, vision_depth=12, vision_heads=12, text_width=512, text_heads=8),
+    "vit_l14": dict(embed=768, patch=14, vision_width=1024, vision_depth=24, vision_heads=16, text_width=768, text_heads=12),
+}
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown variant {variant!r} for configs/clip.py; valid: {[v or '(default)' for v in VARIANTS]}"
+        )
+    c = load_config(sibling(__file__, "coca.py"))  # run settings, data, mesh rules, eval
+    c.model = clip_model(
+        embed=128, patch=4, vision_width=128, vision_depth=3, vision_heads=2, text_width=128, text_heads=2, text_depth=3
+    )
+    c.objective.caption_weight = 0.0  # contrastive only
+    if variant:
+        open_clip_variant(c, OPEN_CLIP_SIZES[variant])
+    return c
+
+
+def clip_model(*, embed, patch, vision_width, vision_depth, vision_heads, text_width, text_heads, text_depth=12):
+    """A CLIP model section; MLPs are 4× wide."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="clip",
+            dtype="float32",  # activations; parameters, softmax and norms stay f32
+            embed_dim=embed,
+            vision=dict(
+                patch_size=patch, width=vision_width, depth=vision_depth, mlp_dim=4 * vision_width, heads=vision_heads
+            ),
+            text=dict(width=text_width, depth=text_depth, mlp_dim=4 * text_width, heads=text_heads),
+            image_pool="cls",  # [CLS] token, ln_pre, bias-free patch embedding (open_clip's ViT)
+            text_pool="eot",  # causal, pooled at the end-of-text token
+            projection_bias=False,
+            logit_scale_init=math.log(1 / 0.07),
+            logit_scale_max=math.log(100.0),
+            logit_bias_init=None,
+            remat="none",  # per block: none | full | dots
+            scan_layers=False,
+            patch_dropout=0.0,  # FLIP
+            lock_image=False,  # LiT
+            lock_text=False,
+        )
+    )
+
+
+def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
+    c.model = clip_model(**size)
+    c.model.update(dict(dtype="bfloat16", vocab_size=49_408, remat="dots", scan_layers=True))
+    c.data.image_size = 224
+    c.data.text_len = 78  # BOS…EOS rows; the model reads all but the last: a 77-token context
+    c.batch_size = 32_768
+    c.total_steps = 400_000
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
+    c.optimizer.update(dict(learning_rate=5e-4, warmup_steps=10_000, b2=0.98, eps=1e-6, weight_decay=0.2))
+    c.objective.block_size = 1024
+    c.mesh.data, c.mesh.fsdp = -1, 1
