@@ -11,12 +11,21 @@ import os
 import ml_collections
 
 
-def load_config(path: str, variant: str = "") -> ml_collections.ConfigDict:
+def _module(path: str):
     name = "_mmjax_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(*([variant] if variant else []))
+    return module
+
+
+def load_config(path: str, variant: str = "") -> ml_collections.ConfigDict:
+    return _module(path).get_config(*([variant] if variant else []))
+
+
+def variants(path: str) -> tuple[str, ...]:
+    """The config's VARIANTS ("" is its default)."""
+    return tuple(_module(path).VARIANTS)
 
 
 def sibling(config_file: str, name: str) -> str:
