@@ -160,7 +160,8 @@ def run(config, workdir: str) -> dict[str, float]:
 def _loop(config, state, step, train_step, data_iter, batch_shardings, ckpt, evaluator, writer):
     preemption = _Preemption()
     window_start, window_step = None, step
-    results = None
+    # A finished run re-launched: nothing to train, report the final checkpoint again.
+    results = evaluator(state["params"]) if step >= config.total_steps else None
     while step < config.total_steps:
         batch = next(data_iter)
         batch = pipeline.to_global({k: batch[k] for k in batch_shardings}, batch_shardings["image"])
