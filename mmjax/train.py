@@ -5,6 +5,7 @@ exists) -> grain batches -> jitted step -> metrics, evaluation, checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from mmjax import checkpoint, metrics, optim
-from mmjax.data import pipeline
+from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.evals.evaluator import Evaluator
 from mmjax.models import build_model, towers
 from mmjax.objectives import multimodal
@@ -119,19 +120,44 @@ class _Preemption:
         self.requested = True
 
 
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """What a config builds before any array exists; shared by run(), benchmarks and tests."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tokenizer: tokenizer_lib.Tokenizer
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+    def train_step(self, config):
+        return make_train_step(self.model, self.tx, self.schedule, config, self.mesh, self.tokenizer.pad_id)
+
+
+def build_components(config, tokenizer_path: str, devices=None) -> Components:
+    mesh = sharding.make_mesh(config.mesh, devices)
+    check_config(config, mesh)
+    tok = pipeline.make_tokenizer(config.data, tokenizer_path)
+    model = build_model(config.model, tok.vocab_size, tok.pad_id)
+    return Components(
+        mesh=mesh,
+        rules=sharding.rules_from_config(config.mesh),
+        tokenizer=tok,
+        model=model,
+        tx=optim.make_optimizer(config.optimizer, config.total_steps, locked_mask(model, config.model)),
+        schedule=optim.learning_rate_schedule(config.optimizer, config.total_steps),
+    )
+
+
 def run(config, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` if it holds a checkpoint); returns the final evaluation."""
     workdir = prepare_workdir(workdir)
-    mesh = sharding.make_mesh(config.mesh)
-    check_config(config, mesh)
-    rules = sharding.rules_from_config(config.mesh)
-    tok = pipeline.make_tokenizer(config.data, os.path.join(workdir, "tokenizer.model"))
-    model = build_model(config.model, tok.vocab_size, tok.pad_id)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    tx = optim.make_optimizer(config.optimizer, config.total_steps, locked_mask(model, config.model))
+    parts = build_components(config, os.path.join(workdir, "tokenizer.model"))
+    mesh, model, tok = parts.mesh, parts.model, parts.tokenizer
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, state_shardings = build_state(model, tx, config, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parts.rules):
+        state, state_shardings = build_state(model, parts.tx, config, mesh, parts.rules)
         ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
         data_iter = pipeline.train_iterator(config.data, tok, config.batch_size, config.seed)
         start_step = ckpt.latest_step() or 0
@@ -141,7 +167,7 @@ def run(config, workdir: str) -> dict[str, float]:
             print(f"Resumed from step {start_step} in {workdir}", flush=True)
         batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
         train_step = jax.jit(
-            make_train_step(model, tx, schedule, config, mesh, tok.pad_id),
+            parts.train_step(config),
             in_shardings=(state_shardings, batch_shardings),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0,

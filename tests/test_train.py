@@ -17,35 +17,35 @@ from tests.helpers import tiny_train_config
 
 
 def one_step(config, devices, tmp_path):
-    """Build state on a mesh of `devices` and run one jitted train step on a fixed batch."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.rules_from_config(config.mesh)
-    tok = pipeline.make_tokenizer(config.data, str(tmp_path / "tok.model"))
-    model = build_model(config.model, tok.vocab_size, tok.pad_id)
-    tx = optim.make_optimizer(config.optimizer, config.total_steps)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    batch = next(pipeline.train_iterator(config.data, tok, config.batch_size, config.seed))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, shardings = train.build_state(model, tx, config, mesh, rules)
-        step = jax.jit(train.make_train_step(model, tx, schedule, config, mesh, tok.pad_id), out_shardings=(shardings, None))
-        batch = pipeline.to_global({k: batch[k] for k in ("image", "tokens")}, sharding.batch_sharding(mesh))
+    """Build state on a mesh of `devices` and run two jitted train steps on a fixed batch."""
+    parts = train.build_components(config, str(tmp_path / "tok.model"), devices)
+    batch = next(pipeline.train_iterator(config.data, parts.tokenizer, config.batch_size, config.seed))
+    with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
+        state, shardings = train.build_state(parts.model, parts.tx, config, parts.mesh, parts.rules)
+        step = jax.jit(parts.train_step(config), out_shardings=(shardings, None))
+        batch = pipeline.to_global({k: batch[k] for k in ("image", "tokens")}, sharding.batch_sharding(parts.mesh))
         new_state, logs = step(state, batch)
         # Second step so the optimizer's moments (not just the gradient) are compared too.
         new_state, logs = step(new_state, batch)
     return jax.device_get(new_state), jax.device_get(logs), new_state
 
 
+@pytest.fixture(scope="module")
+def single_device_reference(tmp_path_factory):
+    config = tiny_train_config(**{"objective.impl": "dense"})
+    config.mesh.data = 1
+    return one_step(config, jax.devices()[:1], tmp_path_factory.mktemp("reference"))[:2]
+
+
 @pytest.mark.parametrize(
     "mesh,impl",
     [((2, 4, 1), "dense"), ((2, 2, 2), "blockwise"), ((8, 1, 1), "ring")],
 )
-def test_sharded_step_equals_single_device(tmp_path, mesh, impl):
+def test_sharded_step_equals_single_device(tmp_path, single_device_reference, mesh, impl):
     config = tiny_train_config(**{"objective.impl": impl})
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
-    ref_config = tiny_train_config(**{"objective.impl": "dense"})
-    ref_config.mesh.data = 1
     sharded, logs, live = one_step(config, jax.devices(), tmp_path)
-    single, ref_logs, _ = one_step(ref_config, jax.devices()[:1], tmp_path)
+    single, ref_logs = single_device_reference
     for key in ("loss", "contrastive_loss", "caption_loss", "grad_norm"):
         np.testing.assert_allclose(logs[key], ref_logs[key], rtol=2e-5, err_msg=key)
     chex.assert_trees_all_close(sharded["params"], single["params"], rtol=1e-4, atol=1e-6)

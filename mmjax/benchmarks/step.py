@@ -19,9 +19,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmjax import optim, train
+from mmjax import train
 from mmjax.data import pipeline
-from mmjax.models import build_model
 from mmjax.parallel import sharding
 from mmjax.tools import flops
 
@@ -48,21 +47,16 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
 
 
 def step_measurement(config, repeats: int) -> dict:
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config.mesh)
-    tok = pipeline.make_tokenizer(config.data, tempfile.mkdtemp() + "/tokenizer.model")
-    model = build_model(config.model, tok.vocab_size, tok.pad_id)
-    tx = optim.make_optimizer(config.optimizer, config.total_steps)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    batch = next(pipeline.train_iterator(config.data, tok, config.batch_size, config.seed))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, shardings = train.build_state(model, tx, config, mesh, rules)
-        batch = pipeline.to_global({k: batch[k] for k in ("image", "tokens")}, sharding.batch_sharding(mesh))
+    parts = train.build_components(config, tempfile.mkdtemp() + "/tokenizer.model")
+    batch = next(pipeline.train_iterator(config.data, parts.tokenizer, config.batch_size, config.seed))
+    with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
+        state, _ = train.build_state(parts.model, parts.tx, config, parts.mesh, parts.rules)
+        batch = pipeline.to_global({k: batch[k] for k in ("image", "tokens")}, sharding.batch_sharding(parts.mesh))
         # No donation: the benchmark reuses one state for every timed call.
-        step = jax.jit(train.make_train_step(model, tx, schedule, config, mesh, tok.pad_id))
+        step = jax.jit(parts.train_step(config))
         xla_flops = step.lower(state, batch).compile().cost_analysis()["flops"]
         seconds = median_seconds(lambda: step(state, batch), repeats)
-    analytic = flops.train_step_flops(config, tok.vocab_size)
+    analytic = flops.train_step_flops(config, parts.tokenizer.vocab_size)
     return {
         "name": "train_step",
         "batch_size": config.batch_size,
