@@ -5,12 +5,13 @@ Re-running the same command with the same workdir resumes from its latest checkp
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mmjax import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with a :variant suffix.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config>[_<variant>]).")
@@ -25,17 +26,10 @@ def default_workdir(config_arg: str) -> str:
     return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
-def _load_config_module(path: str):
-    spec = importlib.util.spec_from_file_location("_mmjax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _bad_override(argv, config_arg: str) -> str | None:
     """Name the first --config.a.b override whose path the config lacks, with the valid keys."""
     path, _, variant = config_arg.partition(":")
-    config = _load_config_module(path).get_config(*([variant] if variant else []))
+    config = configs.load_config(path, variant)
     for arg in argv:
         if not arg.startswith("--config."):
             continue

@@ -1,6 +1,8 @@
 """Small configs shared by the tests."""
 import ml_collections
 
+from mmjax.configs import load_config
+
 
 def tiny_model_config(dtype: str = "float32") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -22,12 +24,7 @@ def tiny_model_config(dtype: str = "float32") -> ml_collections.ConfigDict:
 
 def tiny_train_config(**overrides) -> ml_collections.ConfigDict:
     """The default CoCa config shrunk to run a step in about a second."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("coca_config", "configs/coca.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("configs/coca.py")
     config.model = tiny_model_config()
     config.batch_size = 16
     config.total_steps = 4
