@@ -20,6 +20,16 @@ def causal_mask(length: int):
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
 
 
+def token_embedding(vocab_size: int, width: int) -> nn.Embed:
+    """The [vocab, width] token table every text tower starts with."""
+    return nn.Embed(
+        vocab_size,
+        width,
+        embedding_init=layers.param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+        name="token_embedding",
+    )
+
+
 class UnimodalTextDecoder(nn.Module):
     """tokens [B, L] -> (token features [B, L, width], [CLS] feature [B, width]).
 
@@ -40,12 +50,7 @@ class UnimodalTextDecoder(nn.Module):
     @nn.compact
     def __call__(self, tokens):
         batch, length = tokens.shape
-        embed = nn.Embed(
-            self.vocab_size,
-            self.width,
-            embedding_init=layers.param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="token_embedding",
-        )
+        embed = token_embedding(self.vocab_size, self.width)
         x = embed(tokens).astype(self.dtype)
         cls = self.param("cls", layers.param_init(nn.initializers.normal(0.02), ("embed",)), (self.width,))
         x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.width))], axis=1)
@@ -123,12 +128,7 @@ class TextEncoder(nn.Module):
         if self.pool not in TEXT_POOLING:
             raise ValueError(f"unknown text pooling {self.pool!r}; valid: {list(TEXT_POOLING)}")
         length = tokens.shape[1]
-        embed = nn.Embed(
-            self.vocab_size,
-            self.width,
-            embedding_init=layers.param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="token_embedding",
-        )
+        embed = token_embedding(self.vocab_size, self.width)
         pos = self.param(
             "pos_embedding", layers.param_init(nn.initializers.normal(0.01), ("length", "embed")), (length, self.width)
         )
