@@ -1,0 +1,49 @@
+"""What every data source gives the pipeline: raw records, read either by index or as streams.
+
+A raw record is a dict:
+  key       str: names the record in error messages and skip reports (file path, tar key, ...)
+  image     bytes (an encoded image file), or uint8 [H, W, 3] (already decoded), or None (missing)
+  captions  list of str or bytes (bytes are decoded as UTF-8 later); may be empty
+  label     int: class index for classification sets, -1 when there is none
+  skip      str: "" when the record is usable, else a reason from preprocess.SKIP_REASONS that
+            only the source can see (a key split across shards, a truncated tar member, ...)
+
+Decoding, cropping and tokenizing happen in one later stage (mmjax.data.preprocess), so a
+source only reads. Two kinds:
+  RandomAccessSource: __len__ and a thread-safe __getitem__ (shapes, tfds, csv/jsonl, folder);
+      the pipeline shuffles indices, repeats and slices them per process.
+  StreamSource: a list of shards and a grain IterDataset per shard whose iterator state is
+      exact (webdataset tars: the byte offset of the next member; parquet: the row); the
+      pipeline shuffles the shard order per epoch, slices it per process and interleaves.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import grain
+
+
+def record(key: str, image=None, captions=(), label: int = -1, skip: str = "") -> dict:
+    """A raw record with every field present (grain stages and tests rely on the full set)."""
+    return {"key": key, "image": image, "captions": list(captions), "label": int(label), "skip": skip}
+
+
+@runtime_checkable
+class RandomAccessSource(Protocol):
+    name: str  # the spec it was opened from, e.g. "csv:/data/train.csv"
+    class_names: Sequence[str] | None  # for classification sets (folder:, tfds cifar10, shapes)
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
+
+
+@runtime_checkable
+class StreamSource(Protocol):
+    name: str
+    class_names: Sequence[str] | None
+    shards: Sequence[str]  # sorted, so every process sees the same list
+
+    def shard_dataset(self, shard: str) -> grain.IterDataset:
+        """The raw records of one shard, in file order, with exact get_state/set_state."""
+        ...
