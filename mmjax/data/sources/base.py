@@ -5,7 +5,7 @@ A raw record is a dict:
   image     bytes (an encoded image file), or uint8 [H, W, 3] (already decoded), or None (missing)
   captions  list of str or bytes (bytes are decoded as UTF-8 later); may be empty
   label     int: class index for classification sets, -1 when there is none
-  skip      str: "" when the record is usable, else a reason from preprocess.SKIP_REASONS that
+  skip      str: "" when the record is usable, else a reason from SKIP_REASONS that
             only the source can see (a key split across shards, a truncated tar member, ...)
 
 Decoding, cropping and tokenizing happen in one later stage (mmjax.data.preprocess), so a
@@ -21,6 +21,19 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 import grain
+
+# Why a record was skipped: the keys of `data/skipped/<reason>` in metrics.jsonl.
+SKIP_REASONS = (
+    "undecodable_image",  # truncated or corrupt image bytes, an unknown format
+    "not_an_image",  # e.g. an HTML error page saved as .jpg
+    "decompression_bomb",  # more pixels than data.max_image_pixels
+    "missing_image",  # no image member / column / file
+    "missing_caption",  # no caption member / column
+    "empty_caption",  # a caption that is only whitespace
+    "bad_utf8",  # caption bytes that are not UTF-8
+    "split_key",  # a webdataset key whose members span two shards
+    "truncated_shard",  # a tar that ends mid-member
+)
 
 
 def record(key: str, image=None, captions=(), label: int = -1, skip: str = "") -> dict:
