@@ -1,95 +1,147 @@
-"""grain input pipeline: source → shuffle → repeat → per-host shard → tokenize → batch.
+"""grain input pipeline for every source: raw records → (mixture) → preprocess → batch.
 
-The training iterator is a grain `DatasetIterator`: `get_state()`/`set_state()` give
-exact resume, and it checkpoints with orbax through
-`grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)`.
+    random-access source:  index shuffle → repeat (reshuffled each epoch) → this process's
+                           positions [p::P] → read with threads
+    stream source:         shard list → this process's shards [p::P] → shuffle → repeat →
+                           interleave `cycle_length` shards → window shuffle
+    then, for all:         weighted mixture → decode, crop, pick a caption, tokenize (seeded
+                           per example) → drop and count bad records → batch → worker
+                           processes (mp_prefetch) → prefetch thread
+
+Every stage is a grain dataset with exact `get_state`/`set_state`, so the iterator resumes
+at the very next example; `data_state`/`restore_data_state` save every process's state with
+a fingerprint of what produced it.
 """
 from __future__ import annotations
 
 import functools
+import json
+import zlib
 
 import grain
 import jax
 import ml_collections
 import numpy as np
 
-from mmjax.data import shapes
-from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.data import preprocess, skips, sources, tokenizer as tokenizer_lib
+from mmjax.data.sources.base import RandomAccessSource
+from mmjax.errors import UserError
 
 
 def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        name="shapes",
+        train="shapes",  # a source spec (mmjax.data.sources), or a mixture "SPEC@0.7,SPEC@0.3"
+        eval="shapes:eval",  # the held-out split the trainer evaluates on
+        num_eval=512,  # at most this many held-out examples (the first ones)
         image_size=32,
-        text_len=8,  # BOS + at most 4 pieces + EOS, with room to spare
-        num_train=1_000_000,  # virtual: examples are generated from their index
-        num_eval=512,
-        vocab_size=96,  # enough BPE merges for every caption word to be one piece
-        seed=0,  # generates the content; the shuffle seed is train_iterator's `seed`
+        text_len=8,  # BOS + at most 4 pieces + EOS for the embedded captions, with room to spare
+        tokenizer="",  # a SentencePiece .model file, or "" to train one on the training captions
+        vocab_size=96,  # pieces of a trained tokenizer; 96 makes every embedded word one piece
+        tokenizer_max_texts=100_000,  # captions a trained tokenizer reads
+        image_key="",  # the source's image field/column; "" = its usual name
+        text_key="",  # the caption field/column ("captions/text" for nested tfds fields)
+        tfds_data_dir="",  # where `tfds:` datasets are prepared; "" = tfds' default
+        augment=dict(
+            crop="random_resized",  # random_resized | center (resize the shorter side, crop the middle)
+            scale=(0.9, 1.0),  # random-resized-crop area range (open_clip's default)
+            ratio=(3 / 4, 4 / 3),
+            flip=False,
+        ),
+        decoder="auto",  # auto (simplejpeg for JPEGs when installed) | pillow | simplejpeg
+        max_image_pixels=89_478_485,  # larger images are skipped as decompression bombs (Pillow's limit)
+        max_bad_fraction=0.3,  # stop when more of a logging window's records were skipped
+        shuffle_buffer=1_000,  # streamed sources: window shuffle over this many records
+        cycle_length=8,  # streamed sources: shards read at once per process (or worker)
         worker_count=0,  # grain worker processes; 0 = produce batches in this process
         prefetch=2,  # batches read ahead by a background thread; 0 = synchronous
     ))
 
 
-def _check_dataset(data_cfg) -> None:
-    if data_cfg.name != "shapes":
-        raise ValueError(f"unknown dataset {data_cfg.name!r}; available: ['shapes']")
+def _seed(*parts) -> int:
+    """A 32-bit seed from ints and strings, the same on every host and Python run."""
+    return zlib.crc32(json.dumps(parts).encode())
 
 
-def _source(data_cfg, split: str, num_examples: int) -> shapes.ShapesSource:
-    _check_dataset(data_cfg)
-    return shapes.ShapesSource(split, num_examples, data_cfg.image_size, data_cfg.seed)
+# --- raw records ---------------------------------------------------------------------
+
+def _random_access(source, seed, data_cfg) -> grain.IterDataset:
+    p, n = jax.process_index(), jax.process_count()
+    if len(source) < n:
+        raise UserError(f"{source.name} has {len(source)} records, fewer than the {n} processes reading it")
+    # Process p takes global positions p, p+P, ...: together the processes cover each
+    # epoch once, whatever their number.
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[p::n]
+    threads = max(1, data_cfg.prefetch)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads))
 
 
-def make_tokenizer(data_cfg, model_path: str) -> tokenizer_lib.Tokenizer:
-    """The dataset's tokenizer, trained on every caption it can produce, cached at model_path."""
-    _check_dataset(data_cfg)
-    return tokenizer_lib.load_or_train(model_path, shapes.all_texts(), data_cfg.vocab_size)
+def _stream(source, seed, data_cfg) -> grain.IterDataset:
+    p, n = jax.process_index(), jax.process_count()
+    shards = list(source.shards)[p::n]
+    readers = n * max(1, data_cfg.worker_count)
+    if len(source.shards) < readers:
+        raise UserError(
+            f"{source.name} has {len(source.shards)} shards but {n} processes × {max(1, data_cfg.worker_count)} "
+            f"workers read it; each needs at least one shard: use fewer --config.data.worker_count or more shards"
+        )
+    ds = grain.MapDataset.source(shards).shuffle(seed=seed).repeat().map(source.shard_dataset)
+    ds = grain.experimental.InterleaveIterDataset(ds, cycle_length=data_cfg.cycle_length)
+    return grain.experimental.WindowShuffleIterDataset(ds, window_size=data_cfg.shuffle_buffer, seed=seed)
 
 
-def _tokenize(example: dict, tokenizer: tokenizer_lib.Tokenizer, text_len: int) -> dict:
+def raw_records(spec: str, data_cfg, seed: int) -> grain.IterDataset:
+    """This process's endless share of the raw records of `spec` (one source or a mixture)."""
+    mixture = sources.parse_mixture(spec)
+    parts = []
+    for i, (one, _) in enumerate(mixture):
+        source = sources.open_source(one, data_cfg)
+        reader = _random_access if isinstance(source, RandomAccessSource) else _stream
+        parts.append(reader(source, _seed(seed, i, one), data_cfg))
+    if len(parts) == 1:
+        return parts[0]
+    return grain.IterDataset.mix(parts, [w for _, w in mixture])
+
+
+# --- examples --------------------------------------------------------------------------
+
+def _train_example(raw: dict, rng: np.random.Generator, data_cfg, tokenizer) -> dict:
+    if raw["skip"]:
+        return skips.skipped(raw["skip"], raw["key"])
+    aug = data_cfg.augment
+    try:
+        image = preprocess.decode_image(
+            raw["image"], min_size=data_cfg.image_size, decoder=data_cfg.decoder, max_pixels=data_cfg.max_image_pixels
+        )
+        image = preprocess.train_image(
+            image, data_cfg.image_size, rng, crop=aug.crop, scale=tuple(aug.scale), ratio=tuple(aug.ratio), flip=aug.flip
+        )
+        text = preprocess.caption_text(raw["captions"], rng)
+    except preprocess.Skip as e:
+        return skips.skipped(e.reason, raw["key"])
     return {
-        "image": example["image"],
-        "tokens": tokenizer.encode([example["caption"]], text_len)[0],
-        "label": example["label"],
+        "image": image,
+        "tokens": tokenizer.encode([text], data_cfg.text_len)[0],
+        "label": np.int32(raw["label"]),
     }
 
 
 def train_iterator(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_size: int,
                    seed: int) -> grain.DatasetIterator:
-    """Infinite iterator of this host's batches {"image", "tokens", "label"} (numpy)."""
-    process_index, process_count = jax.process_index(), jax.process_count()
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} hosts")
-    ds = (
-        grain.MapDataset.source(_source(data_cfg, "train", data_cfg.num_train))
-        .shuffle(seed=seed)
-        .repeat()  # reshuffles each epoch
-        # Host p takes global positions p, p+P, ...: together the hosts' batch k covers
-        # positions [kB, (k+1)B), whatever the number of hosts.
-        [process_index::process_count]
-        .map(functools.partial(_tokenize, tokenizer=tokenizer, text_len=data_cfg.text_len))
-        .batch(global_batch_size // process_count, drop_remainder=True)
-    )
-    # One reader thread per prefetched batch is plenty: each one builds a whole batch.
-    read = grain.ReadOptions(num_threads=data_cfg.prefetch, prefetch_buffer_size=data_cfg.prefetch)
-    iter_ds = ds.to_iter_dataset(read)
+    """Endless iterator of this process's batches (numpy): image uint8 [b, S, S, 3], tokens
+    int32 [b, L], label int32 [b], and skipped int32 [b, R] / skipped_key str [b] (mmjax.data.skips)."""
+    n = jax.process_count()
+    if global_batch_size % n:
+        raise UserError(f"batch_size {global_batch_size} is not divisible by the {n} processes; use a multiple of {n}")
+    ds = raw_records(data_cfg.train, data_cfg, seed)
+    example = functools.partial(_train_example, data_cfg=data_cfg, tokenizer=tokenizer)
+    ds = ds.random_map(example, seed=_seed(seed, "augment", jax.process_index()))
+    ds = skips.SkipCountingIterDataset(ds)
+    ds = ds.batch(global_batch_size // n, drop_remainder=True)
     if data_cfg.worker_count > 0:
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
-    return iter(iter_ds)
-
-
-def eval_arrays(data_cfg, tokenizer: tokenizer_lib.Tokenizer, num_examples: int) -> dict[str, np.ndarray]:
-    """The held-out split as whole arrays: image, tokens, label, caption (str)."""
-    source = _source(data_cfg, "eval", num_examples)
-    examples = [source[i] for i in range(num_examples)]
-    captions = [e["caption"] for e in examples]
-    return {
-        "image": np.stack([e["image"] for e in examples]),
-        "tokens": tokenizer.encode(captions, data_cfg.text_len),
-        "label": np.array([e["label"] for e in examples], np.int32),
-        "caption": np.array(captions),
-    }
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
+    if data_cfg.prefetch > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_cfg.prefetch)
+    return iter(ds)
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
@@ -99,3 +151,129 @@ def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict[str, jax.Arr
         for k, v in batch.items()
         if np.asarray(v).dtype.kind not in "OUS"
     }
+
+
+# --- iterator state in checkpoints -----------------------------------------------------
+
+def fingerprint(data_cfg, global_batch_size: int, seed: int) -> dict:
+    """What decides the order of the training examples: resuming with another value of any
+    of these would silently repeat or skip data."""
+    return {
+        "train": data_cfg.train,
+        "seed": seed,
+        "batch_size": global_batch_size,
+        "process_count": jax.process_count(),
+        "worker_count": data_cfg.worker_count,
+        "cycle_length": data_cfg.cycle_length,
+        "shuffle_buffer": data_cfg.shuffle_buffer,
+    }
+
+
+def data_state(iterator, fingerprint_: dict) -> dict:
+    """Every process's iterator state (gathered to all; the primary's copy is saved) and the fingerprint."""
+    local = json.dumps(iterator.get_state())
+    return {"fingerprint": fingerprint_, "processes": _all_gather_strings(local)}
+
+
+def restore_data_state(iterator, saved: dict, fingerprint_: dict) -> None:
+    old = saved.get("fingerprint", {})
+    changed = {k: (old.get(k), v) for k, v in fingerprint_.items() if old.get(k) != v}
+    if changed:
+        diff = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        raise UserError(
+            f"the checkpoint's data iterator was saved with other settings ({diff}); resuming would repeat or "
+            "skip data. Re-run with the saved values, or start a new --workdir"
+        )
+    iterator.set_state(json.loads(saved["processes"][jax.process_index()]))
+
+
+def _all_gather_strings(text: str) -> list[str]:
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([len(data)], np.int32)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [bytes(row[:n]).decode() for row, n in zip(gathered, lengths)]
+
+
+# --- held-out data and tokenizer --------------------------------------------------------
+
+def _eval_example(raw: dict, data_cfg):
+    if raw["skip"]:
+        return None
+    try:
+        image = preprocess.decode_image(
+            raw["image"], min_size=data_cfg.image_size, decoder=data_cfg.decoder, max_pixels=data_cfg.max_image_pixels
+        )
+        return preprocess.eval_image(image, data_cfg.image_size), preprocess.caption_text(raw["captions"], None), raw["label"]
+    except preprocess.Skip:
+        return None
+
+
+def first_records(source, limit: int):
+    """The first `limit` raw records in file order (random access: by index; streams: shard by shard)."""
+    if isinstance(source, RandomAccessSource):
+        yield from (source[i] for i in range(min(limit, len(source))))
+        return
+    count = 0
+    for shard in source.shards:
+        for raw in source.shard_dataset(shard):
+            if count == limit:
+                return
+            count += 1
+            yield raw
+
+
+def eval_set(data_cfg, tokenizer: tokenizer_lib.Tokenizer) -> dict:
+    """The held-out split (the first data.num_eval usable records of data.eval) as whole arrays
+    (image, tokens, label, caption), with the source's class names and zero-shot prompts."""
+    source = sources.open_source(data_cfg.eval, data_cfg)
+    ds = grain.MapDataset.source(list(first_records(source, data_cfg.num_eval)))
+    ds = ds.map(functools.partial(_eval_example, data_cfg=data_cfg)).to_iter_dataset(
+        grain.ReadOptions(num_threads=4, prefetch_buffer_size=16))
+    examples = [e for e in ds if e is not None]
+    if not examples:
+        raise UserError(f"data.eval {data_cfg.eval!r} has no usable records; point --config.data.eval at a held-out split")
+    images, captions, labels = zip(*examples)
+    class_names = getattr(source, "class_names", None)
+    prompts = getattr(source, "zeroshot_prompts", None)
+    if prompts is None and class_names:
+        prompts = [[f"a photo of a {name}."] for name in class_names]
+    return {
+        "image": np.stack(images),
+        "tokens": tokenizer.encode(captions, data_cfg.text_len),
+        "label": np.array(labels, np.int32),
+        "caption": np.array(captions),
+        "class_names": class_names,
+        "zeroshot_prompts": prompts,
+    }
+
+
+def tokenizer_texts(spec: str, data_cfg, max_texts: int) -> list[str]:
+    """Captions to train a tokenizer on: every caption of the first records of each source."""
+    texts = []
+    for one, _ in sources.parse_mixture(spec):
+        source = sources.open_source(one, data_cfg)
+        if hasattr(source, "all_texts"):  # a generated dataset knows its whole grammar
+            texts.extend(source.all_texts())
+            continue
+        for raw in first_records(source, max_texts):
+            for caption in raw["captions"]:
+                try:
+                    texts.append(preprocess.caption_text([caption], None))
+                except preprocess.Skip:
+                    pass
+    return texts[:max_texts]
+
+
+def make_tokenizer(data_cfg, cache_path: str) -> tokenizer_lib.Tokenizer:
+    """data.tokenizer's SentencePiece file, or one trained on the training captions and cached
+    at `cache_path` (the workdir's tokenizer.model)."""
+    if data_cfg.tokenizer:
+        return tokenizer_lib.load(data_cfg.tokenizer)
+    texts = lambda: tokenizer_texts(data_cfg.train, data_cfg, data_cfg.tokenizer_max_texts)
+    return tokenizer_lib.load_or_train(cache_path, texts, data_cfg.vocab_size)

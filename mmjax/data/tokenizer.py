@@ -1,33 +1,40 @@
 """SentencePiece tokenizer: fixed-length int32 rows of BOS, pieces, EOS, PAD.
 
-The model is trained in-process from an in-memory corpus (seconds) and cached at a
-path, so every run and every host reuses the same vocabulary.
+Either a user's model file (`load`), or one trained in-process from the training captions
+(seconds) and cached at a path, so every run and every host reuses the same vocabulary.
+Special ids come from the model; one it lacks (many models have no PAD or no BOS piece)
+gets an id after the model's pieces, so the embedding table is that much larger.
 """
 from __future__ import annotations
 
 import io
 import os
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 from absl import logging
 
+from mmjax.errors import UserError
+
+# The ids this project's trained tokenizers use; a loaded model keeps its own.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 class Tokenizer:
     """Thin wrapper over a SentencePieceProcessor with fixed-length batch encoding."""
 
-    pad_id = PAD_ID
-
     def __init__(self, model_proto: bytes):
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()
-        if self.sp.pad_id() != PAD_ID:
-            raise ValueError(f"tokenizer pad id is {self.sp.pad_id()}, expected {PAD_ID}")
+        self.pad_id, self.bos_id, self.eos_id = (self._special(i) for i in (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()))
+
+    def _special(self, model_id: int) -> int:
+        if model_id >= 0:
+            return model_id
+        self.vocab_size += 1  # the model has no such piece: take the next free id
+        return self.vocab_size - 1
 
     def encode(self, texts: Sequence[str], length: int) -> np.ndarray:
         """int32 [N, length]; pieces are truncated so that EOS always fits."""
@@ -47,7 +54,7 @@ class Tokenizer:
         for row in np.asarray(ids).tolist():
             if self.eos_id in row:
                 row = row[: row.index(self.eos_id)]
-            rows.append([i for i in row if i not in (self.bos_id, self.pad_id)])
+            rows.append([i for i in row if i not in (self.bos_id, self.pad_id) and i < self.sp.vocab_size()])
         return self.sp.decode(rows)
 
 
@@ -65,19 +72,37 @@ def train(texts: Sequence[str], vocab_size: int) -> bytes:
             model_type="bpe", character_coverage=1.0, num_threads=1, minloglevel=2,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID)
     except RuntimeError as e:  # e.g. "Vocabulary size too high (200). Please set it to a value <= 176."
-        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on {len(texts)} texts: {e}") from e
+        raise UserError(
+            f"cannot train a {vocab_size}-piece tokenizer on {len(texts)} texts: {e}; set --config.data.vocab_size"
+        ) from e
     return model.getvalue()
 
 
-def load_or_train(model_path: str, texts: Sequence[str], vocab_size: int) -> Tokenizer:
-    """Loads the model cached at `model_path`, or trains one on `texts` and caches it."""
-    if os.path.exists(model_path):
+def load(model_path: str) -> Tokenizer:
+    """A SentencePiece model file (e.g. one made by `python -m mmjax.data.train_tokenizer`)."""
+    try:
         with open(model_path, "rb") as f:
-            tokenizer = Tokenizer(f.read())
+            proto = f.read()
+    except OSError as e:
+        raise UserError(
+            f"tokenizer file {model_path!r} cannot be read ({e.strerror}); give --config.data.tokenizer=<a SentencePiece "
+            ".model file>, or leave it empty to train one on the training captions"
+        ) from e
+    try:
+        return Tokenizer(proto)
+    except RuntimeError as e:
+        raise UserError(f"{model_path!r} is not a SentencePiece model ({e}); make one with python -m mmjax.data.train_tokenizer") from e
+
+
+def load_or_train(model_path: str, texts: Callable[[], Sequence[str]], vocab_size: int) -> Tokenizer:
+    """Loads the model cached at `model_path`, or trains one on `texts()` and caches it."""
+    if os.path.exists(model_path):
+        tokenizer = load(model_path)
         if tokenizer.vocab_size != vocab_size:
-            raise ValueError(f"{model_path} holds a {tokenizer.vocab_size}-piece tokenizer, but "
+            raise UserError(f"{model_path} holds a {tokenizer.vocab_size}-piece tokenizer, but "
                              f"vocab_size={vocab_size} was asked for: delete the file or fix the config")
         return tokenizer
+    texts = texts()
     proto = train(texts, vocab_size)
     directory = os.path.dirname(os.path.abspath(model_path))
     os.makedirs(directory, exist_ok=True)
