@@ -18,15 +18,16 @@ token; learnable temperature log(1/0.07), clamped at log 100.
     vit_l14  768    1024 / 24 / 16 / 14              768 / 12
 
 Run settings: roughly open_clip's LAION-400M recipe (batch 32,768, lr 5e-4, weight decay
-0.2, β2 0.98, ε 1e-6, 10k warmup steps, ~32 epochs). Data: real image–text loaders come
-later; until then the variants train on the shapes dataset rendered at 224 px, tokenized
-by its small BPE model, whose ids fit inside the 49,408-row embedding table.
+0.2, β2 0.98, ε 1e-6, 10k warmup steps, ~32 epochs), random-resized crops (scale 0.9–1)
+and CLIP's pixel mean/std. Data: `data.train` / `data.eval` default to the embedded shapes
+dataset rendered at 224 px; point them at real data (README, "Train on your own data").
 """
 import math
 
 import ml_collections
 
 from mmjax.configs import load_config, sibling
+from mmjax.data.pipeline import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
 VARIANTS = ("", "vit_b32", "vit_b16", "vit_l14")
 
@@ -75,6 +76,8 @@ def clip_model(*, embed, patch, vision_width, vision_depth, vision_heads, text_w
             patch_dropout=0.0,  # FLIP
             lock_image=False,  # LiT
             lock_text=False,
+            image_mean=(0.5, 0.5, 0.5),  # pixels are normalised on device: (x/255 - mean) / std
+            image_std=(0.5, 0.5, 0.5),
         )
     )
 
@@ -83,6 +86,8 @@ def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
     c.model = clip_model(**size)
     c.model.update(dict(dtype="bfloat16", vocab_size=49_408, remat="dots", scan_layers=True))
     c.data.image_size = 224
+    c.data.augment.crop = "random_resized"
+    c.model.update(dict(image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD))
     c.data.text_len = 78  # BOS…EOS rows; the model reads all but the last: a 77-token context
     c.batch_size = 32_768
     c.total_steps = 400_000

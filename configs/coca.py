@@ -28,14 +28,17 @@ Our reading of the paper for those variants:
     β2 0.999, decoupled weight decay 0.01. The paper uses Adafactor and a linear decay; we
     use our AdamW and cosine decay with those values.
   * Not in the paper: text context length — we use 64 tokens (ALIGN's and SigLIP's).
-Data: real image–text loaders come later. Until then the paper variants train on the
-embedded shapes dataset rendered at 288 px, with captions padded to the 64-token context
-and tokenized by its small BPE model, whose ids fit inside the 64k embedding table
-(model.vocab_size). The run settings are the paper's; run them on a pod, not a laptop.
+Data: every config reads `data.train` / `data.eval` source specs (README, "Train on your
+own data"). They default to the embedded shapes dataset, which the paper variants render at
+288 px; point them at real data with e.g. --config.data.train='wds:/data/cc12m/{00000..01242}.tar'
+--config.data.vocab_size=64000 (a 64k tokenizer trained on its captions) or
+--config.data.tokenizer=FILE. The paper variants crop randomly (open_clip's scale 0.9–1)
+and normalise with CLIP's pixel mean/std. The run settings are the paper's; run them on a
+pod, not a laptop.
 """
 import ml_collections
 
-from mmjax.data.pipeline import default_data_config
+from mmjax.data.pipeline import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, default_data_config
 
 VARIANTS = ("", "base", "large", "giant")
 
@@ -62,6 +65,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
 
     c.data = default_data_config()
+    # The embedded scenes are rendered at image_size with objects near the edges: a random
+    # crop would cut some out of the picture and the caption would lie.
+    c.data.augment.crop = "center"
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "coca"
@@ -79,6 +85,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.patch_dropout = 0.0  # FLIP: share of image patches dropped in training
     c.model.lock_image = False  # LiT: freeze the image tower
     c.model.lock_text = False  # LiT: freeze the text tower
+    c.model.image_mean = (0.5, 0.5, 0.5)  # pixels are normalised on device: (x/255 - mean) / std
+    c.model.image_std = (0.5, 0.5, 0.5)
 
     c.objective = ml_collections.ConfigDict()
     c.objective.contrastive = "clip"  # symmetric InfoNCE; "siglip" for the sigmoid loss
@@ -148,6 +156,8 @@ def paper_variant(c: ml_collections.ConfigDict, size: dict) -> None:
     c.model.scan_layers = True  # compile time independent of depth
     c.model.remat = "full" if w > 1024 else "dots"  # the 2.1B model keeps only block inputs
     c.data.image_size = 288
+    c.data.augment.crop = "random_resized"
+    c.model.update(dict(image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD))
     c.data.text_len = 65  # BOS…EOS rows; the model reads all but the last: a 64-token context
     c.batch_size = 65_536
     c.total_steps = 500_000

@@ -16,9 +16,9 @@ SigLIP as in the paper and big_vision's two_towers model:
   * b16: 224 px, patch 16, width 768, 12 layers, 12 heads, MLP 3072 on both towers;
     text vocabulary 32,000 and context 64; embedding 768.
 Run settings for b16: batch 32,768, lr 1e-3, weight decay 1e-4, β2 0.95 (the paper's
-large-batch settings). Data: real image–text loaders come later; until then b16 trains on
-the shapes dataset rendered at 224 px, tokenized by its small BPE model, whose ids fit
-inside the 32,000-row embedding table.
+large-batch settings); pixels scaled to [-1, 1] as big_vision does (mean = std = 0.5), not
+CLIP's statistics. Data: `data.train` / `data.eval` default to the embedded shapes dataset
+rendered at 224 px; point them at real data (README, "Train on your own data").
 """
 import math
 
@@ -41,6 +41,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.model.text.update(dict(width=768, heads=12, mlp_dim=3072))
         c.data.text_len = 65  # BOS…EOS rows; the model reads all but the last: a 64-token context
         c.optimizer.update(dict(learning_rate=1e-3, weight_decay=1e-4, b2=0.95))
+        c.model.update(dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)))
     c.model.update(
         dict(
             image_pool="map",  # MAP head; no [CLS] token, no ln_pre, patch embedding with bias

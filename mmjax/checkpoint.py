@@ -26,7 +26,8 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state, data_state: dict) -> None:
-        """Save `state` (a pytree of jax.Arrays) and the iterator's `get_state()` snapshot.
+        """Save `state` (a pytree of jax.Arrays) and the data iterators' snapshot
+        (`pipeline.data_state`: every process's `get_state()` and their fingerprint).
 
         The iterator state is snapshotted by the caller at the same step as `state`: with
         async saving the live iterator would already have moved on when orbax writes it.

@@ -83,9 +83,11 @@ def main(argv):
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    from mmjax.errors import UserError
+
     try:
         train.run(config, workdir)
-    except train.ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

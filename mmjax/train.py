@@ -16,14 +16,15 @@ import jax.numpy as jnp
 import optax
 
 from mmjax import checkpoint, metrics, optim
-from mmjax.data import pipeline, tokenizer as tokenizer_lib
+from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
+from mmjax.errors import UserError
 from mmjax.evals.evaluator import Evaluator
 from mmjax.models import build_model, towers
 from mmjax.objectives import multimodal
 from mmjax.parallel import sharding
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config or workdir problem the user fixes on the command line."""
 
 
@@ -160,10 +161,11 @@ def run(config, workdir: str) -> dict[str, float]:
         state, state_shardings = build_state(model, parts.tx, config, mesh, parts.rules)
         ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
         data_iter = pipeline.train_iterator(config.data, tok, config.batch_size, config.seed)
+        data_fingerprint = pipeline.fingerprint(config.data, config.batch_size, config.seed)
         start_step = ckpt.latest_step() or 0
         if start_step:
             state, data_state = ckpt.restore(start_step, state)
-            data_iter.set_state(data_state)
+            pipeline.restore_data_state(data_iter, data_state, data_fingerprint)
             print(f"Resumed from step {start_step} in {workdir}", flush=True)
         batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
         train_step = jax.jit(
@@ -174,8 +176,12 @@ def run(config, workdir: str) -> dict[str, float]:
         )
         evaluator = Evaluator(model, tok, config.data, config.eval, mesh, state_shardings["params"])
         writer = metrics.MetricsWriter(workdir, start_step)
-        results = _loop(config, state, start_step, train_step, data_iter, batch_shardings, ckpt, evaluator, writer)
-        ckpt.close()
+        data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
+        try:
+            results = _loop(config, state, start_step, train_step, data, batch_shardings, ckpt, evaluator, writer)
+        finally:  # also when bad data stops the run: pending saves land, workers exit
+            data_iter.close()
+            ckpt.close()
         writer.plot()
         writer.close()
     if results is not None:
@@ -183,13 +189,21 @@ def run(config, workdir: str) -> dict[str, float]:
     return results
 
 
-def _loop(config, state, step, train_step, data_iter, batch_shardings, ckpt, evaluator, writer):
+@dataclasses.dataclass
+class _Data:
+    iterator: object
+    fingerprint: dict
+    skips: skips.SkipMonitor
+
+
+def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer):
     preemption = _Preemption()
     window_start, window_step = None, step
     # A finished run re-launched: nothing to train, report the final checkpoint again.
     results = evaluator(state["params"]) if step >= config.total_steps else None
     while step < config.total_steps:
-        batch = next(data_iter)
+        batch = next(data.iterator)
+        data.skips.update(batch)
         batch = pipeline.to_global({k: batch[k] for k in batch_shardings}, batch_shardings["image"])
         state, logs = train_step(state, batch)
         step += 1
@@ -201,12 +215,15 @@ def _loop(config, state, step, train_step, data_iter, batch_shardings, ckpt, eva
             elapsed = time.perf_counter() - window_start
             rate = (step - window_step) / elapsed if step > window_step else float("nan")
             logs["examples_per_sec"] = rate * config.batch_size
+            logs.update(data.skips.metrics())
+            skipped_note = data.skips.end_window()  # stops the run when too much data is bad
             writer.write(step, logs)
             eta = (config.total_steps - step) / rate if rate == rate and rate > 0 else float("nan")
             print(
                 f"step {step:6d}/{config.total_steps}  loss {logs['loss']:.4f}  "
                 + "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k.endswith("_loss"))
-                + f"  {logs['examples_per_sec']:.0f} ex/s  ETA {eta:.0f}s",
+                + f"  {logs['examples_per_sec']:.0f} ex/s  ETA {eta:.0f}s"
+                + (f"  [{skipped_note}]" if skipped_note else ""),
                 flush=True,
             )
             window_start, window_step = time.perf_counter(), step
@@ -218,7 +235,7 @@ def _loop(config, state, step, train_step, data_iter, batch_shardings, ckpt, eva
             window_start, window_step = time.perf_counter(), step
         preempted = preemption.requested or ckpt.reached_preemption(step)
         if step % config.checkpoint_every == 0 or final or preempted:
-            ckpt.save(step, state, data_iter.get_state())
+            ckpt.save(step, state, pipeline.data_state(data.iterator, data.fingerprint))
         if preempted:
             print(f"Preempted: saved step {step}; re-run the same command to resume.", flush=True)
             return None

@@ -16,6 +16,8 @@ def tiny_model_config(dtype: str = "float32") -> ml_collections.ConfigDict:
             remat="none",
             scan_layers=False,
             patch_dropout=0.0,
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
             lock_image=False,
             lock_text=False,
         )

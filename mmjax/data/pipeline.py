@@ -28,6 +28,11 @@ from mmjax.data.sources.base import RandomAccessSource
 from mmjax.errors import UserError
 
 
+# OpenAI CLIP's pixel statistics (in [0, 1] units), which open_clip and CoCa reproductions use.
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         train="shapes",  # a source spec (mmjax.data.sources), or a mixture "SPEC@0.7,SPEC@0.3"

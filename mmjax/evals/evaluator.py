@@ -1,25 +1,29 @@
-"""Runs every evaluation of the embedded dataset's held-out split on a set of parameters."""
+"""Runs every evaluation of the held-out split (data.eval) on a set of parameters."""
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from mmjax.data import pipeline, shapes
+from mmjax.data import pipeline
 from mmjax.evals import captioning, retrieval, zeroshot
 from mmjax.parallel import sharding
 
 
 class Evaluator:
-    """Zero-shot top-1/5 over the attribute classes, recall@1/5 both ways, and greedy
-    captioning for models with a decoder (`model.has_decoder`: CoCa, not CLIP/SigLIP)."""
+    """Zero-shot top-1/5 when the split has classes (the embedded data, folder:, tfds
+    classification sets), recall@1/5 both ways, and greedy captioning for models with a
+    decoder (`model.has_decoder`: CoCa, not CLIP/SigLIP)."""
 
     def __init__(self, model, tokenizer, data_cfg, eval_cfg, mesh, param_shardings):
         self.model = model
         self.tokenizer = tokenizer
-        self.data = pipeline.eval_arrays(data_cfg, tokenizer, data_cfg.num_eval)
-        self.num_classes = len(shapes.CLASS_NAMES)
-        prompts = [p for label in range(self.num_classes) for p in shapes.zeroshot_prompts(label)]
-        self.prompts_per_class = len(prompts) // self.num_classes
+        self.data = pipeline.eval_set(data_cfg, tokenizer)
+        class_prompts = self.data["zeroshot_prompts"] or []
+        self.num_classes = len(class_prompts)
+        self.prompts_per_class = len(class_prompts[0]) if class_prompts else 0
+        if any(len(p) != self.prompts_per_class for p in class_prompts):
+            raise ValueError("every class needs the same number of zero-shot prompts")
+        prompts = [p for per_class in class_prompts for p in per_class]
         self.prompt_tokens = tokenizer.encode(prompts, data_cfg.text_len)
         shards = sharding.num_batch_shards(mesh)
         self.chunk = -(-eval_cfg.batch_size // shards) * shards  # a multiple of the batch shards
@@ -57,14 +61,14 @@ class Evaluator:
         images, labels, captions = self.data["image"], self.data["label"], [str(c) for c in self.data["caption"]]
         image_emb = self._map(self._embed_images, params, images)
         text_emb = self._map(self._embed_texts, params, self.data["tokens"])
-        prompt_emb = self._map(self._embed_texts, params, self.prompt_tokens)
-        logit_scale = float(self.model.apply({"params": params}, method=self.model.clamped_logit_scale))
-        scores = zeroshot.class_log_probs(image_emb, prompt_emb, self.prompts_per_class, logit_scale)
-        results = {
-            "zeroshot_top1": zeroshot.topk_accuracy(scores, labels, 1),
-            "zeroshot_top5": zeroshot.topk_accuracy(scores, labels, 5),
-            **retrieval.recall_at_k(image_emb, text_emb, captions),
-        }
+        results = {}
+        if self.num_classes and (labels >= 0).all():
+            prompt_emb = self._map(self._embed_texts, params, self.prompt_tokens)
+            logit_scale = float(self.model.apply({"params": params}, method=self.model.clamped_logit_scale))
+            scores = zeroshot.class_log_probs(image_emb, prompt_emb, self.prompts_per_class, logit_scale)
+            results["zeroshot_top1"] = zeroshot.topk_accuracy(scores, labels, 1)
+            results["zeroshot_top5"] = zeroshot.topk_accuracy(scores, labels, 5)
+        results.update(retrieval.recall_at_k(image_emb, text_emb, captions))
         self.last_predictions = []
         if self.model.has_decoder:
             predictions = self.tokenizer.decode(self._map(self._caption, params, images))
@@ -74,9 +78,9 @@ class Evaluator:
 
     def chance(self) -> dict[str, float]:
         """What a model that learned nothing scores, for the results table."""
+        chance = {"zeroshot_top1": 1 / self.num_classes, "zeroshot_top5": 5 / self.num_classes} if self.num_classes else {}
         return {
-            "zeroshot_top1": 1 / self.num_classes,
-            "zeroshot_top5": 5 / self.num_classes,
+            **chance,
             "image_to_text_r@1": retrieval.chance_recall_at_1(self.data["caption"]),
             "text_to_image_r@1": retrieval.chance_recall_at_1(self.data["caption"]),
         }

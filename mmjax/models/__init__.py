@@ -38,6 +38,8 @@ def _training_options(model_cfg) -> dict:
         remat=model_cfg.remat,
         scan_layers=model_cfg.scan_layers,
         patch_dropout=model_cfg.patch_dropout,
+        image_mean=tuple(model_cfg.image_mean),
+        image_std=tuple(model_cfg.image_std),
     )
 
 

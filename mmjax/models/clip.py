@@ -57,6 +57,8 @@ class CLIP(nn.Module):
     remat: str = "none"
     scan_layers: bool = False
     patch_dropout: float = 0.0
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
 
     def setup(self):
         if self.image_pool not in IMAGE_POOLING:
@@ -73,6 +75,8 @@ class CLIP(nn.Module):
             patch_bias=not cls,
             pre_norm=cls,
             patch_dropout=self.patch_dropout,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
             remat=self.remat,
             scan=self.scan_layers,
         )

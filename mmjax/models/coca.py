@@ -50,6 +50,8 @@ class CoCa(nn.Module):
     remat: str = "none"
     scan_layers: bool = False
     patch_dropout: float = 0.0
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
 
     def setup(self):
         self.image_encoder = vit.ViT(
@@ -60,6 +62,8 @@ class CoCa(nn.Module):
             self.vision_heads,
             self.dtype,
             patch_dropout=self.patch_dropout,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
             remat=self.remat,
             scan=self.scan_layers,
         )
