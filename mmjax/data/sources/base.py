@@ -18,9 +18,11 @@ source only reads. Two kinds:
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Collection, Protocol, Sequence, runtime_checkable
 
 import grain
+
+from mmjax.errors import UserError
 
 # Why a record was skipped: the keys of `data/skipped/<reason>` in metrics.jsonl.
 SKIP_REASONS = (
@@ -39,6 +41,22 @@ SKIP_REASONS = (
 def record(key: str, image=None, captions=(), label: int = -1, skip: str = "") -> dict:
     """A raw record with every field present (grain stages and tests rely on the full set)."""
     return {"key": key, "image": image, "captions": list(captions), "label": int(label), "skip": skip}
+
+
+def pick_field(present: Collection[str], chosen: str, defaults: Sequence[str], option: str, where: str,
+               required: bool = True) -> str | None:
+    """The column / feature to read: `chosen` (the value of --config.data.<option>) if set, else
+    the first of `defaults` in `present`. A field the user named must exist; a default-only
+    field may be absent (None) when not `required`."""
+    names = [chosen] if chosen else list(defaults)
+    for name in names:
+        if name in present:
+            return name
+    if chosen or required:
+        found = ", ".join(sorted(map(str, present))) or "none"
+        raise UserError(f"{where} has no field {' or '.join(map(repr, names))} (it has: {found}); "
+                        f"name the right one with --config.data.{option}=NAME")
+    return None
 
 
 @runtime_checkable
