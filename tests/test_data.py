@@ -10,8 +10,10 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import ndimage
 
+from mmjax.configs import load_config
 from mmjax.data import pipeline, shapes
 from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.errors import UserError
 
 # grain's worker processes read absl flags.
 if not flags.FLAGS.is_parsed():
@@ -20,7 +22,7 @@ if not flags.FLAGS.is_parsed():
 
 @pytest.fixture(scope="module")
 def cfg():
-    return pipeline.default_data_config()
+    return load_config("configs/coca.py").data
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +134,15 @@ def test_truncation_keeps_eos(tok):
 
 def test_tokenizer_is_cached_not_retrained(tmp_path, monkeypatch):
     path = tmp_path / "new" / "dir" / "spm.model"
-    first = tokenizer_lib.load_or_train(str(path), shapes.all_texts(), 96)
+    first = tokenizer_lib.load_or_train(str(path), shapes.all_texts, 96)
     mtime = os.stat(path).st_mtime_ns
     monkeypatch.setattr(tokenizer_lib, "train", lambda *a: pytest.fail("retrained"))
-    second = tokenizer_lib.load_or_train(str(path), shapes.all_texts(), 96)
+    second = tokenizer_lib.load_or_train(str(path), shapes.all_texts, 96)
     assert os.stat(path).st_mtime_ns == mtime
     assert second.encode(["two small red circles"], 8).tolist() == first.encode(["two small red circles"], 8).tolist()
     assert [p.name for p in path.parent.iterdir()] == ["spm.model"]  # no temp file left
     with pytest.raises(ValueError, match="vocab_size=64"):
-        tokenizer_lib.load_or_train(str(path), shapes.all_texts(), 64)
+        tokenizer_lib.load_or_train(str(path), shapes.all_texts, 64)
 
 
 def test_tokenizer_training_is_deterministic_and_vocab_limit_is_clear():
@@ -159,7 +161,8 @@ def test_tokenizer_pickles(tok):  # grain worker processes receive it by pickle
 def test_train_batches(cfg, tok):
     it = pipeline.train_iterator(cfg, tok, global_batch_size=16, seed=0)
     batch = next(it)
-    assert batch.keys() == {"image", "tokens", "label"}
+    assert batch.keys() == {"image", "tokens", "label", "skipped", "skipped_key"}
+    assert batch["skipped"].sum() == 0
     assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["tokens"].shape == (16, cfg.text_len) and batch["tokens"].dtype == np.int32
     assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
@@ -235,26 +238,33 @@ def test_worker_processes_give_the_same_batches(cfg, tok):
     it.close()
 
 
-def test_eval_arrays(cfg, tok):
-    ev = pipeline.eval_arrays(cfg, tok, 32)
+def eval_subset(cfg, tok, n):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.num_eval = n
+    return pipeline.eval_set(cfg, tok)
+
+
+def test_eval_set(cfg, tok):
+    ev = eval_subset(cfg, tok, 32)
     assert ev["image"].shape == (32, 32, 32, 3) and ev["image"].dtype == np.uint8
     assert ev["tokens"].shape == (32, cfg.text_len) and ev["label"].dtype == np.int32
     assert tok.decode(ev["tokens"]) == ev["caption"].tolist()
     assert ev["image"][0].tobytes() == shapes.ShapesSource("eval", 32)[0]["image"].tobytes()
+    assert ev["zeroshot_prompts"][5] == shapes.zeroshot_prompts(5)
 
 
-def test_unknown_dataset(cfg, tok):
+def test_unknown_scheme_names_valid_ones(cfg, tok):
     bad = cfg.copy_and_resolve_references()
-    bad.name = "laion"
-    with pytest.raises(ValueError, match="shapes"):
-        pipeline.eval_arrays(bad, tok, 4)
+    bad.eval = "laion:/data"
+    with pytest.raises(UserError, match="'laion'.*shapes:.*csv:"):
+        pipeline.eval_set(bad, tok)
 
 
 def test_to_global_on_8_devices(cfg, tok):
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, P("data"))
-    local = pipeline.eval_arrays(cfg, tok, 16)
+    local = {k: v for k, v in eval_subset(cfg, tok, 16).items() if k in ("image", "tokens", "label", "caption")}
     out = pipeline.to_global(local, sharding)
     assert out.keys() == {"image", "tokens", "label"}  # the caption strings are dropped
     assert out["image"].shape == (16, 32, 32, 3) and out["tokens"].shape == (16, cfg.text_len)
