@@ -25,6 +25,11 @@ setup(
         "tensorboardX",
         "matplotlib",
         "sacrebleu",
+        "braceexpand",  # wds:/parquet: shard patterns like {00000..00331}
+        "pyarrow",  # parquet: sources
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist"]},
+    extras_require={
+        "fast": ["simplejpeg"],  # faster JPEG decoding on the host (Pillow otherwise)
+        "test": ["pytest>=8", "pytest-xdist", "simplejpeg"],
+    },
 )

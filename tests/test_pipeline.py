@@ -146,7 +146,7 @@ def test_mixture_follows_its_weights(specs, monkeypatch):
     cfg = data_config(f"{specs['csv']}@3,{specs['wds']}@1")
     it = iter(pipeline.raw_records(cfg.train, cfg, seed=0))
     keys = [next(it)["key"] for _ in range(400)]
-    from_csv = sum(k.startswith("images/") for k in keys)
+    from_csv = sum("/images/" in k for k in keys)
     assert abs(from_csv / 400 - 0.75) < 0.03, from_csv
 
 
