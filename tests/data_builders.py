@@ -8,9 +8,17 @@ import json
 import tarfile
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
+
+
+def encoded(value: int, fmt: str = "PNG", size=(6, 5), mode="RGB") -> bytes:
+    """A flat image of one grey value."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, (value,) * len(mode)).save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 def jpeg_bytes(rgb, size=(40, 48), seed=0) -> bytes:
@@ -156,3 +164,80 @@ def write_mostly_bad_tars(directory, shards: int = 2) -> str:
                 add_member(tar, f"{key}.jpg", data if i % 10 == 0 else b"<html>Forbidden</html>")
                 add_member(tar, f"{key}.txt", caption.encode())
     return f"{directory}/*.tar"
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    # No code directory, so no checksums file to look up (finding one for a module inside the
+    # `tests` namespace package would need importlib_resources).
+    code_path = None
+
+
+# --- tfds: tiny real datasets, prepared as ArrayRecord without TensorFlow. ------------------
+# Images are given to the builder as encoded PNG bytes: encoding a numpy array would call
+# tf.image.encode_png. skip_registration keeps the catalog's coco_captions / cifar10 names
+# pointing at the real builders, as in a user's process.
+
+class CocoCaptions(_LocalBuilder, skip_registration=True):
+    """coco_captions' layout: a config, image/id, and 5 captions as a sequence of dicts."""
+    VERSION = tfds.core.Version("1.1.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]  # the catalog's default config
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "image/id": tfds.features.Scalar(np.int64),
+            "captions": tfds.features.Sequence({"id": np.int64, "text": tfds.features.Text()}),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(6), "val": self._generate_examples(3, first_id=1000)}
+
+    def _generate_examples(self, n, first_id=100):
+        for i in range(n):
+            yield i, {"image": encoded(10 * i, "JPEG"), "image/id": first_id + i,
+                      "captions": {"id": list(range(5)),
+                                   "text": [f"photo {first_id + i} caption {j}" for j in range(5)]}}
+
+
+class Cifar10(_LocalBuilder, skip_registration=True):
+    """cifar10's layout: a text id, an image and a ClassLabel; no captions."""
+    VERSION = tfds.core.Version("3.0.2")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "image": tfds.features.Image(shape=(5, 6, 3)),
+            "label": tfds.features.ClassLabel(names=["airplane", "automobile", "bird"]),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples(5)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"id": f"test_{i:05d}", "image": encoded(i), "label": i % 3}
+
+
+class GrayDigits(_LocalBuilder, skip_registration=True):
+    """A grayscale image under `img`, a caption under `text`, a label that is a plain integer."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "img": tfds.features.Image(shape=(5, 6, 1)),
+            "text": tfds.features.Text(),
+            "label": np.int64,
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(2)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"img": encoded(i, mode="L"), "text": f"digit {i}", "label": 7}
+
+
+def prepare_tfds(data_dir: str) -> None:
+    """coco_captions, cifar10 and gray_digits look-alikes, prepared as ArrayRecord under data_dir."""
+    for builder in (CocoCaptions, Cifar10, GrayDigits):
+        builder(data_dir=data_dir).download_and_prepare(file_format="array_record")

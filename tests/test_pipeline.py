@@ -21,7 +21,10 @@ if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
+    data_builders.prepare_tfds(str(root / "tfds"))
+    TFDS_DIR.append(str(root / "tfds"))
     return {
+        "tfds": "tfds:coco_captions",  # 5 captions per image: the caption drawn must resume too
         "shapes": "shapes",
         "csv": "csv:" + data_builders.write_table(root / "table", 24),
         "jsonl": "jsonl:" + data_builders.write_table(root / "table", 24, kind="jsonl", offset=100),
@@ -31,9 +34,12 @@ def specs(tmp_path_factory):
     }
 
 
+TFDS_DIR = []
+
+
 def data_config(train: str, **overrides):
     cfg = load_config("configs/clip.py").data
-    cfg.update(dict(train=train, image_size=32, text_len=16, vocab_size=60, shuffle_buffer=8, cycle_length=2))
+    cfg.update(dict(train=train, tfds_data_dir=TFDS_DIR[0] if TFDS_DIR else "", image_size=32, text_len=16, vocab_size=60, shuffle_buffer=8, cycle_length=2))
     cfg.augment.update(dict(crop="random_resized", flip=True))
     cfg.update(overrides)
     return cfg
@@ -65,7 +71,7 @@ def train_spec(specs, name):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("name", ["shapes", "csv", "jsonl", "wds", "parquet", "folder", MIXTURE])
+@pytest.mark.parametrize("name", ["shapes", "tfds", "csv", "jsonl", "wds", "parquet", "folder", MIXTURE])
 def test_resume_is_exact(specs, tok, name, workers):
     """Stop after k batches (several epochs of these tiny sets), save the state as a checkpoint
     does (JSON), resume in a new iterator: the next batches are those of an uninterrupted run."""

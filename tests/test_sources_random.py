@@ -8,23 +8,18 @@ import pickle
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from mmjax.data import shapes, sources
 from mmjax.data.sources import base
 from mmjax.errors import UserError
+from tests import data_builders
+from tests.data_builders import encoded
 
 
 def data_cfg(**overrides):
     cfg = dict(tfds_data_dir="", image_key="", text_key="", image_size=32)
     return ml_collections.ConfigDict({**cfg, **overrides})
-
-
-def encoded(value: int, fmt: str = "PNG", size=(6, 5), mode="RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, (value,) * len(mode)).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def write_image(path, value: int = 0, fmt: str = "PNG") -> None:
@@ -37,76 +32,10 @@ def decoded(image) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(image)))
 
 
-# --- tfds: tiny real datasets, prepared as ArrayRecord without TensorFlow. ------------------
-# Images are given to the builder as encoded PNG bytes: encoding a numpy array would call
-# tf.image.encode_png. skip_registration keeps the catalog's coco_captions / cifar10 names
-# pointing at the real builders, as in a user's process.
-
-class CocoCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """coco_captions' layout: a config, image/id, and 5 captions as a sequence of dicts."""
-    VERSION = tfds.core.Version("1.1.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]  # the catalog's default config
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "image/id": tfds.features.Scalar(np.int64),
-            "captions": tfds.features.Sequence({"id": np.int64, "text": tfds.features.Text()}),
-        }))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(6), "val": self._generate_examples(3, first_id=1000)}
-
-    def _generate_examples(self, n, first_id=100):
-        for i in range(n):
-            yield i, {"image": encoded(10 * i, "JPEG"), "image/id": first_id + i,
-                      "captions": {"id": list(range(5)),
-                                   "text": [f"photo {first_id + i} caption {j}" for j in range(5)]}}
-
-
-class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """cifar10's layout: a text id, an image and a ClassLabel; no captions."""
-    VERSION = tfds.core.Version("3.0.2")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(5, 6, 3)),
-            "label": tfds.features.ClassLabel(names=["airplane", "automobile", "bird"]),
-        }))
-
-    def _split_generators(self, dl_manager):
-        return {"test": self._generate_examples(5)}
-
-    def _generate_examples(self, n):
-        for i in range(n):
-            yield i, {"id": f"test_{i:05d}", "image": encoded(i), "label": i % 3}
-
-
-class GrayDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A grayscale image under `img`, a caption under `text`, a label that is a plain integer."""
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "img": tfds.features.Image(shape=(5, 6, 1)),
-            "text": tfds.features.Text(),
-            "label": np.int64,
-        }))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(2)}
-
-    def _generate_examples(self, n):
-        for i in range(n):
-            yield i, {"img": encoded(i, mode="L"), "text": f"digit {i}", "label": 7}
-
-
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    for builder in (CocoCaptions, Cifar10, GrayDigits):
-        builder(data_dir=data_dir).download_and_prepare(file_format="array_record")
+    data_builders.prepare_tfds(data_dir)
     return data_dir
 
 
