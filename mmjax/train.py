@@ -214,7 +214,8 @@ def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluato
             logs = jax.device_get(logs)
             elapsed = time.perf_counter() - window_start
             rate = (step - window_step) / elapsed if step > window_step else float("nan")
-            logs["examples_per_sec"] = rate * config.batch_size
+            if rate == rate:  # unknown right after compiling or evaluating
+                logs["examples_per_sec"] = rate * config.batch_size
             logs.update(data.skips.metrics())
             skipped_note = data.skips.end_window()  # stops the run when too much data is bad
             writer.write(step, logs)
@@ -222,7 +223,7 @@ def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluato
             print(
                 f"step {step:6d}/{config.total_steps}  loss {logs['loss']:.4f}  "
                 + "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k.endswith("_loss"))
-                + f"  {logs['examples_per_sec']:.0f} ex/s  ETA {eta:.0f}s"
+                + f"  {rate * config.batch_size:.0f} ex/s  ETA {eta:.0f}s"
                 + (f"  [{skipped_note}]" if skipped_note else ""),
                 flush=True,
             )

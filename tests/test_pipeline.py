@@ -164,7 +164,7 @@ def test_epochs_reshuffle(specs, tok):
 
 
 def test_skip_monitor_counts_and_stops():
-    monitor = skips.SkipMonitor(max_bad_fraction=0.5)
+    monitor = skips.SkipMonitor(max_bad_fraction=0.5, min_window=10)
     counts = np.zeros((4, len(SKIP_REASONS)), np.int32)
     counts[0, SKIP_REASONS.index("not_an_image")] = 3
     monitor.update({"skipped": counts, "skipped_key": np.array(["k1", "", "", ""])})
@@ -172,9 +172,13 @@ def test_skip_monitor_counts_and_stops():
     assert "skipped 3/7 records (not_an_image: 3)" in monitor.end_window()
     counts[1, SKIP_REASONS.index("bad_utf8")] = 10
     monitor.update({"skipped": counts, "skipped_key": np.array(["k2", "k3", "", ""])})
-    with pytest.raises(UserError, match=r"13 of the last 17 .*not_an_image: 3, bad_utf8: 10.*'k3'.*max_bad_fraction"):
+    with pytest.raises(UserError, match=r"16 of the last 24 .*not_an_image: 6, bad_utf8: 10.*'k3'.*max_bad_fraction"):
         monitor.end_window()
-    assert monitor.metrics() == {"data/skipped/not_an_image": 6, "data/skipped/bad_utf8": 10}
+    one = np.zeros((1, len(SKIP_REASONS)), np.int32)
+    one[0, 0] = 1
+    monitor.update({"skipped": one, "skipped_key": np.array(["k4"])})
+    assert monitor.end_window().startswith("skipped 1/2")  # 2 < min_window records: not judged yet
+    assert monitor.metrics() == {"data/skipped/not_an_image": 6, "data/skipped/bad_utf8": 10, "data/skipped/undecodable_image": 1}
 
 
 def test_mixture_spec_parsing():

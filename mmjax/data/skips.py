@@ -19,6 +19,9 @@ from mmjax.errors import UserError
 
 # A run whose records are all bad must stop instead of spinning forever inside the pipeline.
 MAX_CONSECUTIVE_SKIPS = 10_000
+# The bad share is judged over at least this many records: a few bad files side by side in
+# one shard are no reason to stop a run.
+MIN_WINDOW_RECORDS = 256
 
 
 def skipped(reason: str, key: str) -> dict:
@@ -61,20 +64,22 @@ def _describe(counts) -> str:
 
 
 class SkipMonitor:
-    """Totals per reason since this process started, and the share skipped per window."""
+    """Totals per reason since this process started; the skipped share of each window of at
+    least `min_window` records (spanning logging intervals until it is that long)."""
 
-    def __init__(self, max_bad_fraction: float):
+    def __init__(self, max_bad_fraction: float, min_window: int = MIN_WINDOW_RECORDS):
         self.max_bad_fraction = max_bad_fraction
+        self.min_window = min_window
         self.totals = np.zeros(len(SKIP_REASONS), np.int64)
-        self._window = np.zeros(len(SKIP_REASONS), np.int64)
-        self._window_good = 0
+        self._since_log = _Counts()
+        self._window = _Counts()
         self._recent_keys = collections.deque(maxlen=3)
 
     def update(self, batch: dict) -> None:
         counts = np.asarray(batch["skipped"]).sum(0)
         self.totals += counts
-        self._window += counts
-        self._window_good += len(batch["skipped"])
+        for window in (self._since_log, self._window):
+            window.add(counts, len(batch["skipped"]))
         for key in np.asarray(batch["skipped_key"]).tolist():
             if key:
                 self._recent_keys.append(key)
@@ -83,16 +88,36 @@ class SkipMonitor:
         return {f"data/skipped/{r}": int(n) for r, n in zip(SKIP_REASONS, self.totals) if n}
 
     def end_window(self) -> str:
-        """Close the window; raise UserError if too much of it was bad. -> a console note ("" if clean)."""
-        bad = int(self._window.sum())
-        seen = bad + self._window_good
-        note = f"skipped {bad}/{seen} records ({_describe(self._window)})" if bad else ""
-        if seen and bad / seen > self.max_bad_fraction:
+        """At a log step: raise UserError if too much of a full window was bad. -> a console
+        note on what was skipped since the last log step ("" if nothing)."""
+        log, self._since_log = self._since_log, _Counts()
+        note = f"skipped {log.bad}/{log.seen} records ({_describe(log.skipped)})" if log.bad else ""
+        window = self._window
+        if window.seen < self.min_window:
+            return note
+        self._window = _Counts()
+        if window.bad / window.seen > self.max_bad_fraction:
             raise UserError(
-                f"{bad} of the last {seen} training records were skipped ({_describe(self._window)}), "
+                f"{window.bad} of the last {window.seen} training records were skipped ({_describe(window.skipped)}), "
                 f"more than data.max_bad_fraction={self.max_bad_fraction}; e.g. {list(self._recent_keys)}. "
                 "Fix or drop those files, or raise --config.data.max_bad_fraction"
             )
-        self._window[:] = 0
-        self._window_good = 0
         return note
+
+
+class _Counts:
+    def __init__(self):
+        self.skipped = np.zeros(len(SKIP_REASONS), np.int64)
+        self.good = 0
+
+    def add(self, skipped, good: int) -> None:
+        self.skipped += skipped
+        self.good += good
+
+    @property
+    def bad(self) -> int:
+        return int(self.skipped.sum())
+
+    @property
+    def seen(self) -> int:
+        return self.bad + self.good
