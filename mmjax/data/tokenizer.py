@@ -73,7 +73,8 @@ def train(texts: Sequence[str], vocab_size: int) -> bytes:
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID)
     except RuntimeError as e:  # e.g. "Vocabulary size too high (200). Please set it to a value <= 176."
         raise UserError(
-            f"cannot train a {vocab_size}-piece tokenizer on {len(texts)} texts: {e}; set --config.data.vocab_size"
+            f"cannot train a {vocab_size}-piece tokenizer on {len(texts)} texts: {e}; ask for fewer pieces "
+            "(--config.data.vocab_size, or train_tokenizer's --vocab_size)"
         ) from e
     return model.getvalue()
 
