@@ -88,6 +88,37 @@ def test_resume_is_exact(specs, tok, name, workers):
     resumed.close()
 
 
+@pytest.mark.parametrize("name", ["tfds", "wds", MIXTURE])
+def test_grain_checks_resume_at_every_step(specs, tok, name):
+    import grain
+
+    cfg = data_config(train_spec(specs, name), prefetch=0)
+    ds = pipeline.train_dataset(cfg, tok, 2, seed=0)
+    grain.experimental.assert_equal_output_after_checkpoint(grain.experimental.LimitIterDataset(ds, count=12))
+
+
+@pytest.mark.parametrize("name", ["wds", MIXTURE])
+def test_resume_twice_is_exact(specs, tok, name):
+    """Resume, read on, checkpoint again inside the same shuffle window, resume again."""
+    cfg = data_config(train_spec(specs, name), shuffle_buffer=64)
+    fp = pipeline.fingerprint(cfg, 2, seed=0)
+    it = pipeline.train_iterator(cfg, tok, 2, seed=0)
+    take(it, 3)
+    first = json.loads(json.dumps(pipeline.data_state(it, fp)))
+    take(it, 2)
+    expected = take(it, 4)
+    it.close()
+    resumed = pipeline.train_iterator(cfg, tok, 2, seed=0)
+    pipeline.restore_data_state(resumed, first, fp)
+    take(resumed, 2)
+    second = json.loads(json.dumps(pipeline.data_state(resumed, fp)))
+    resumed.close()
+    again = pipeline.train_iterator(cfg, tok, 2, seed=0)
+    pipeline.restore_data_state(again, second, fp)
+    assert_batches_equal(take(again, 4), expected)
+    again.close()
+
+
 def test_batches_are_real_examples(specs, tok):
     cfg = data_config(specs["csv"])
     batch = next(pipeline.train_iterator(cfg, tok, 8, seed=0))

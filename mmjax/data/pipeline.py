@@ -14,8 +14,10 @@ a fingerprint of what produced it.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import math
 import zlib
 
 import grain
@@ -90,8 +92,32 @@ def _stream(source, seed, data_cfg) -> grain.IterDataset:
             f"workers read it; each needs at least one shard: use fewer --config.data.worker_count or more shards"
         )
     ds = grain.MapDataset.source(shards).shuffle(seed=seed).repeat().map(source.shard_dataset)
-    ds = grain.experimental.InterleaveIterDataset(ds, cycle_length=data_cfg.cycle_length)
+    ds = _PrivateState(grain.experimental.InterleaveIterDataset(ds, cycle_length=data_cfg.cycle_length))
     return grain.experimental.WindowShuffleIterDataset(ds, window_size=data_cfg.shuffle_buffer, seed=seed)
+
+
+class _PrivateState(grain.IterDataset):
+    """Hands the parent a copy of the state it is restored to.
+
+    grain 0.2's interleave keeps the list it is given in set_state and later edits it in
+    place; the window shuffle above it keeps that same state object as its window start.
+    Without a copy, a checkpoint taken after a resume (within one shuffle window) records
+    the wrong shards and the next resume reads other data.
+    """
+
+    def __iter__(self):
+        return _PrivateStateIterator(self._parent.__iter__())
+
+
+class _PrivateStateIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(copy.deepcopy(state))
 
 
 def raw_records(spec: str, data_cfg, seed: int) -> grain.IterDataset:
@@ -113,9 +139,14 @@ def _train_example(raw: dict, rng: np.random.Generator, data_cfg, tokenizer) -> 
     if raw["skip"]:
         return skips.skipped(raw["skip"], raw["key"])
     aug = data_cfg.augment
+    # A random crop keeps as little as scale[0] of the area: decode large enough that even it
+    # is not upsampled (JPEGs can be decoded at 1/2, 1/4, 1/8 size for a fraction of the cost).
+    min_size = data_cfg.image_size
+    if aug.crop == "random_resized":
+        min_size = math.ceil(min_size / math.sqrt(aug.scale[0]))
     try:
         image = preprocess.decode_image(
-            raw["image"], min_size=data_cfg.image_size, decoder=data_cfg.decoder, max_pixels=data_cfg.max_image_pixels
+            raw["image"], min_size=min_size, decoder=data_cfg.decoder, max_pixels=data_cfg.max_image_pixels
         )
         image = preprocess.train_image(
             image, data_cfg.image_size, rng, crop=aug.crop, scale=tuple(aug.scale), ratio=tuple(aug.ratio), flip=aug.flip
@@ -130,10 +161,9 @@ def _train_example(raw: dict, rng: np.random.Generator, data_cfg, tokenizer) -> 
     }
 
 
-def train_iterator(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_size: int,
-                   seed: int) -> grain.DatasetIterator:
-    """Endless iterator of this process's batches (numpy): image uint8 [b, S, S, 3], tokens
-    int32 [b, L], label int32 [b], and skipped int32 [b, R] / skipped_key str [b] (mmjax.data.skips)."""
+def train_dataset(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_size: int, seed: int) -> grain.IterDataset:
+    """This process's endless batches (numpy): image uint8 [b, S, S, 3], tokens int32 [b, L],
+    label int32 [b], and skipped int32 [b, R] / skipped_key str [b] (mmjax.data.skips)."""
     n = jax.process_count()
     if global_batch_size % n:
         raise UserError(f"batch_size {global_batch_size} is not divisible by the {n} processes; use a multiple of {n}")
@@ -146,7 +176,13 @@ def train_iterator(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_si
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
     if data_cfg.prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_cfg.prefetch)
-    return iter(ds)
+    return ds
+
+
+def train_iterator(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_size: int,
+                   seed: int) -> grain.DatasetIterator:
+    """An iterator over `train_dataset`, with exact get_state/set_state."""
+    return iter(train_dataset(data_cfg, tokenizer, global_batch_size, seed))
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
