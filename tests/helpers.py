@@ -1,5 +1,6 @@
 """Small configs shared by the tests."""
 import ml_collections
+import numpy as np
 
 from mmjax.configs import load_config
 
@@ -60,3 +61,17 @@ def tiny_zoo_model(config_file: str, depth: int = 2) -> ml_collections.ConfigDic
     else:
         model.text.update(dict(width=32, depth=depth, mlp_dim=64, heads=2))
     return model
+
+
+def take(it, n):
+    """The next n elements of an iterator."""
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    """Two lists of batches (dicts of arrays) are equal, key by key."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)

@@ -14,6 +14,7 @@ from mmjax.configs import load_config
 from mmjax.data import pipeline, shapes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.errors import UserError
+from tests.helpers import assert_batches_equal, take
 
 # grain's worker processes read absl flags.
 if not flags.FLAGS.is_parsed():
@@ -28,18 +29,6 @@ def cfg():
 @pytest.fixture(scope="module")
 def tok(cfg, tmp_path_factory):
     return pipeline.make_tokenizer(cfg, str(tmp_path_factory.mktemp("tok") / "spm.model"))
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # --- shapes -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from mmjax.data import pipeline, skips
 from mmjax.data.sources.base import SKIP_REASONS
 from mmjax.errors import UserError
 from tests import data_builders
+from tests.helpers import assert_batches_equal, take
 
 if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
     flags.FLAGS(sys.argv[:1])
@@ -49,18 +50,6 @@ def data_config(train: str, **overrides):
 def tok(specs, tmp_path_factory):
     cfg = data_config(f"{specs['csv']}@1,{specs['shapes']}@1")
     return pipeline.make_tokenizer(cfg, str(tmp_path_factory.mktemp("tok") / "spm.model"))
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 MIXTURE = "mixture"
