@@ -261,3 +261,30 @@ def test_to_global_on_8_devices(cfg, tok):
         assert array.sharding.is_equivalent_to(sharding, array.ndim)
         assert array.addressable_shards[0].data.shape[0] == 2
         np.testing.assert_array_equal(np.asarray(array), local[key])
+
+
+def test_special_ids_come_from_the_model(tmp_path):
+    """A user's SentencePiece model with sentencepiece's own defaults (unk 0, bos 1, eos 2, no
+    pad piece): its ids are kept, and PAD gets the first id after its pieces."""
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(shapes.all_texts()), model_writer=proto, vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    path = tmp_path / "user.model"
+    path.write_bytes(proto.getvalue())
+    tok = tokenizer_lib.load(str(path))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 60, 61)
+    ids = tok.encode(["two small red circles", "one cross"], 12)
+    assert ids[0, 0] == 1 and (ids[:, -1] == 60).all() and 2 in ids[1]
+    assert tok.decode(ids) == ["two small red circles", "one cross"]
+
+
+def test_missing_or_bad_tokenizer_file_is_clear(tmp_path):
+    with pytest.raises(UserError, match="cannot be read.*--config.data.tokenizer"):
+        tokenizer_lib.load(str(tmp_path / "nope.model"))
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="not a SentencePiece model"):
+        tokenizer_lib.load(str(tmp_path / "junk.model"))

@@ -42,14 +42,19 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     tfds_dir = root / "tfds"
     data_builders.prepare_tfds(str(tfds_dir))
-    return {
+    specs = {
         "csv_train": "csv:" + data_builders.write_table(root / "table", 40),
         "csv_val": "csv:" + data_builders.write_table(root / "table", 16, offset=1000),
         "wds": "wds:" + data_builders.write_tars(root / "wds", shards=4, per_shard=10),
+        "parquet": "parquet:" + data_builders.write_parquet(root / "parquet", files=2, per_file=12),
+        "tfds": "tfds:coco_captions",
+        "shapes": "shapes",
         "tfds_dir": str(tfds_dir),
         "bad": "wds:" + data_builders.write_bad_tars(root / "bad")[0],
         "mostly_bad": "wds:" + data_builders.write_mostly_bad_tars(root / "mostly_bad"),
     }
+    specs["mixture"] = f"{specs['csv_train']}@0.5,{specs['wds']}@0.3,{specs['tfds']}@0.2"
+    return specs
 
 
 def test_clip_trains_on_csv_and_evaluates_retrieval_on_held_out_csv(data, tmp_path):
@@ -64,18 +69,24 @@ def test_clip_trains_on_csv_and_evaluates_retrieval_on_held_out_csv(data, tmp_pa
 
 @pytest.mark.parametrize("source", ["wds", "tfds"])
 def test_trains_on_webdataset_and_tfds(data, source, tmp_path):
-    spec = data["wds"] if source == "wds" else "tfds:coco_captions"
+    spec = data[source]
     result = mmjax_main(*TINY_CLIP, *steps_args(2), f"--workdir={tmp_path}", f"--config.data.train={spec}",
                         f"--config.data.eval={data['csv_val']}", f"--config.data.tfds_data_dir={data['tfds_dir']}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1, 2]
 
 
-def test_sigkill_then_rerun_continues_exactly(data, tmp_path):
-    """Streamed shards, window shuffle and 2 worker processes: killed after the step-4
-    checkpoint, the re-run's losses equal an uninterrupted run's at every later step."""
-    args = [*TINY_CLIP, *steps_args(8, checkpoint_every=4), f"--config.data.train={data['wds']}",
-            f"--config.data.eval={data['csv_val']}", "--config.data.worker_count=2", "--config.data.shuffle_buffer=16"]
+@pytest.mark.parametrize("source,workers", [
+    ("shapes", 0), ("csv_train", 0), ("tfds", 2), ("wds", 2), ("parquet", 0), ("mixture", 2),
+])
+def test_sigkill_then_rerun_continues_exactly(data, source, workers, tmp_path):
+    """Killed after the step-3 checkpoint, the re-run's losses equal an uninterrupted run's at
+    every later step (same batches, same model). Streams add window shuffle and interleave;
+    workers add grain's worker processes. tests/test_pipeline.py compares the batches
+    themselves for every source with 0 and 2 workers."""
+    args = [*TINY_CLIP, *steps_args(6, checkpoint_every=3), f"--config.data.train={data[source]}",
+            f"--config.data.eval={data['csv_val']}", f"--config.data.worker_count={workers}",
+            "--config.data.shuffle_buffer=16", f"--config.data.tfds_data_dir={data['tfds_dir']}"]
     reference = mmjax_main(*args, f"--workdir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -84,14 +95,14 @@ def test_sigkill_then_rerun_continues_exactly(data, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (
-        (workdir / "checkpoints" / "4").is_dir() and any(r["step"] >= 5 for r in _safe_rows(workdir))
+        (workdir / "checkpoints" / "3").is_dir() and any(r["step"] >= 4 for r in _safe_rows(workdir))
     ):
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     resumed = mmjax_main(*args, f"--workdir={workdir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed from step 4" in resumed.stdout
+    assert "Resumed from step 3" in resumed.stdout
     losses = lambda w: {r["step"]: r["loss"] for r in rows(w) if "loss" in r}
     assert losses(workdir) == losses(tmp_path / "reference")
 
