@@ -27,6 +27,7 @@ setup(
         "sacrebleu",
         "braceexpand",  # wds:/parquet: shard patterns like {00000..00331}
         "pyarrow",  # parquet: sources
+        "psutil",  # the input benchmark counts its workers' CPU time
     ],
     extras_require={
         "fast": ["simplejpeg"],  # faster JPEG decoding on the host (Pillow otherwise)

@@ -211,3 +211,16 @@ def test_mixture_spec_parsing():
         sources.parse_mixture("shapes@0")
     with pytest.raises(UserError, match="unknown data source scheme 'laion'"):
         sources.parse_mixture("laion:x@1")
+
+
+def test_input_benchmark_runs_on_any_source(specs):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mmjax.benchmarks.input", f"--source={specs['wds']}", "--workers=0", "--batches=2",
+         "--batch_size=4", "--image_size=32", "--text_len=16"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    pipeline_rows = [r for r in rows if r.get("name") != "stages"]
+    assert pipeline_rows and pipeline_rows[0]["images_per_sec"] > 0

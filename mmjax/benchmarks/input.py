@@ -146,9 +146,8 @@ def stage_breakdown(data_cfg, tokenizer) -> list[dict]:
     _, tokenize_us = _timed(
         lambda r: tokenizer.encode([preprocess.caption_text(r["captions"], rng)], data_cfg.text_len), records)
     aug, size = data_cfg.augment, data_cfg.image_size
-    # What the pipeline does: data.decoder ("auto": simplejpeg when installed), and a decode size as in
-    # pipeline._train_example, large enough that a crop of scale[0] of the area is not upsampled.
-    pipeline_size = math.ceil(size / math.sqrt(aug.scale[0])) if aug.crop == "random_resized" else size
+    # What the pipeline does: data.decoder ("auto": simplejpeg when installed) at its decode size.
+    pipeline_size = pipeline.train_decode_size(data_cfg)
     auto = "simplejpeg" if preprocess.simplejpeg else "pillow"
     as_pipeline = (auto if data_cfg.decoder == "auto" else data_cfg.decoder, pipeline_size)
     rows = []

@@ -135,18 +135,23 @@ def raw_records(spec: str, data_cfg, seed: int) -> grain.IterDataset:
 
 # --- examples --------------------------------------------------------------------------
 
+def train_decode_size(data_cfg) -> int:
+    """The shorter side training images are decoded to at least (JPEGs decode at 1/2, 1/4,
+    1/8 size for a fraction of the cost). A random crop keeps as little as scale[0] of the
+    area: decode large enough that even that crop is not upsampled."""
+    if data_cfg.augment.crop == "random_resized":
+        return math.ceil(data_cfg.image_size / math.sqrt(data_cfg.augment.scale[0]))
+    return data_cfg.image_size
+
+
 def _train_example(raw: dict, rng: np.random.Generator, data_cfg, tokenizer) -> dict:
     if raw["skip"]:
         return skips.skipped(raw["skip"], raw["key"])
     aug = data_cfg.augment
-    # A random crop keeps as little as scale[0] of the area: decode large enough that even it
-    # is not upsampled (JPEGs can be decoded at 1/2, 1/4, 1/8 size for a fraction of the cost).
-    min_size = data_cfg.image_size
-    if aug.crop == "random_resized":
-        min_size = math.ceil(min_size / math.sqrt(aug.scale[0]))
     try:
         image = preprocess.decode_image(
-            raw["image"], min_size=min_size, decoder=data_cfg.decoder, max_pixels=data_cfg.max_image_pixels
+            raw["image"], min_size=train_decode_size(data_cfg), decoder=data_cfg.decoder,
+            max_pixels=data_cfg.max_image_pixels,
         )
         image = preprocess.train_image(
             image, data_cfg.image_size, rng, crop=aug.crop, scale=tuple(aug.scale), ratio=tuple(aug.ratio), flip=aug.flip
