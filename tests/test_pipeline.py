@@ -162,6 +162,17 @@ def test_processes_read_disjoint_shares_that_make_one_epoch(specs, name, process
     assert set(one) == set(everything)
 
 
+@pytest.mark.parametrize("override,message", [
+    (dict(augment=dict(crop="random")), "unknown data.augment.crop 'random'; valid: random_resized, center"),
+    (dict(decoder="turbo"), "unknown data.decoder 'turbo'"),
+    (dict(cycle_length=0), "cycle_length must be at least 1"),
+    (dict(max_bad_fraction=2.0), r"max_bad_fraction must be in \[0, 1\]"),
+])
+def test_bad_options_are_named_before_any_work(specs, tok, override, message):
+    with pytest.raises(UserError, match=message):
+        pipeline.train_iterator(data_config(specs["csv"], **override), tok, 4, seed=0)
+
+
 def test_too_few_shards_for_the_readers_is_clear(specs, tok):
     cfg = data_config(specs["parquet"], worker_count=3)  # 2 files, 3 workers
     with pytest.raises(UserError, match="2 shards.*3 workers"):

@@ -135,6 +135,21 @@ def raw_records(spec: str, data_cfg, seed: int) -> grain.IterDataset:
 
 # --- examples --------------------------------------------------------------------------
 
+def check_options(data_cfg) -> None:
+    """Name a bad preprocessing or reading option before any worker starts."""
+    choices = {"augment.crop": (data_cfg.augment.crop, preprocess.CROPS), "decoder": (data_cfg.decoder, preprocess.DECODERS)}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise UserError(f"unknown data.{key} {value!r}; valid: {', '.join(valid)}")
+    if data_cfg.decoder == "simplejpeg" and preprocess.simplejpeg is None:
+        raise UserError("data.decoder=simplejpeg but simplejpeg is not installed: pip install simplejpeg (or use auto)")
+    for key in ("shuffle_buffer", "cycle_length"):
+        if data_cfg[key] < 1:
+            raise UserError(f"data.{key} must be at least 1, got {data_cfg[key]}")
+    if not 0 <= data_cfg.max_bad_fraction <= 1:
+        raise UserError(f"data.max_bad_fraction must be in [0, 1], got {data_cfg.max_bad_fraction}")
+
+
 def train_decode_size(data_cfg) -> int:
     """The shorter side training images are decoded to at least (JPEGs decode at 1/2, 1/4,
     1/8 size for a fraction of the cost). A random crop keeps as little as scale[0] of the
@@ -172,6 +187,7 @@ def train_dataset(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_siz
     n = jax.process_count()
     if global_batch_size % n:
         raise UserError(f"batch_size {global_batch_size} is not divisible by the {n} processes; use a multiple of {n}")
+    check_options(data_cfg)
     ds = raw_records(data_cfg.train, data_cfg, seed)
     example = functools.partial(_train_example, data_cfg=data_cfg, tokenizer=tokenizer)
     ds = ds.random_map(example, seed=_seed(seed, "augment", jax.process_index()))
