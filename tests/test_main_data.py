@@ -48,6 +48,7 @@ def data(tmp_path_factory):
         "wds": "wds:" + data_builders.write_tars(root / "wds", shards=4, per_shard=10),
         "parquet": "parquet:" + data_builders.write_parquet(root / "parquet", files=2, per_file=12),
         "tfds": "tfds:coco_captions",
+        "folder": "folder:" + data_builders.write_folders(root / "folder", per_class=4),
         "shapes": "shapes",
         "tfds_dir": str(tfds_dir),
         "bad": "wds:" + data_builders.write_bad_tars(root / "bad")[0],
@@ -65,6 +66,15 @@ def test_clip_trains_on_csv_and_evaluates_retrieval_on_held_out_csv(data, tmp_pa
     final = rows(tmp_path)[-1]
     assert final["step"] == 3 and "eval/text_to_image_r@5" in final
     assert (tmp_path / "tokenizer.model").exists()  # trained on the CSV's captions
+
+
+def test_zero_shot_on_a_folder_classification_set(data, tmp_path):
+    """folder: gives class names, so the held-out evaluation adds zero-shot over its classes."""
+    result = mmjax_main(*TINY_CLIP, *steps_args(2), f"--workdir={tmp_path}", f"--config.data.train={data['csv_train']}",
+                        f"--config.data.eval={data['folder']}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("  zeroshot")}
+    assert table["zeroshot_top1"][1] == "0.250"  # chance: 4 colour classes
 
 
 @pytest.mark.parametrize("source", ["wds", "tfds"])
