@@ -154,6 +154,9 @@ def build_components(config, tokenizer_path: str, devices=None) -> Components:
 def run(config, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` if it holds a checkpoint); returns the final evaluation."""
     workdir = prepare_workdir(workdir)
+    if config.data.eval.startswith("shapes") and not config.data.train.startswith("shapes"):
+        print(f"note: training on {config.data.train} but evaluating on the embedded {config.data.eval}; "
+              "point --config.data.eval at your held-out split", flush=True)
     parts = build_components(config, os.path.join(workdir, "tokenizer.model"))
     mesh, model, tok = parts.mesh, parts.model, parts.tokenizer
 
