@@ -235,3 +235,14 @@ def test_input_benchmark_runs_on_any_source(specs):
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     pipeline_rows = [r for r in rows if r.get("name") != "stages"]
     assert pipeline_rows and pipeline_rows[0]["images_per_sec"] > 0
+
+
+@pytest.mark.parametrize("name", ["csv", "jsonl", "folder"])
+def test_tokenizer_texts_never_open_an_image(specs, name, monkeypatch):
+    from mmjax.data.sources import folder, table
+
+    for cls in (table.TableSource, folder.FolderSource):
+        monkeypatch.setattr(cls, "__getitem__", lambda *a: pytest.fail("read a record to train a tokenizer"))
+    texts = pipeline.tokenizer_texts(specs[name], data_config(specs[name]), 10)
+    expected = [c for _, _, c, _ in data_builders.examples(10, offset=100 if name == "jsonl" else 0)]
+    assert texts == (sorted(data_builders.COLORS) if name == "folder" else expected)

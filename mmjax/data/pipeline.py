@@ -320,8 +320,8 @@ def tokenizer_texts(spec: str, data_cfg, max_texts: int) -> list[str]:
     texts = []
     for one, _ in sources.parse_mixture(spec):
         source = sources.open_source(one, data_cfg)
-        if hasattr(source, "all_texts"):  # a generated dataset knows its whole grammar
-            texts.extend(source.all_texts())
+        if hasattr(source, "texts"):  # captions without reading images (tables, folders, shapes' grammar)
+            texts.extend(source.texts(max_texts))
             continue
         for raw in first_records(source, max_texts):
             for caption in raw["captions"]:

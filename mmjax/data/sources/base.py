@@ -12,6 +12,7 @@ Decoding, cropping and tokenizing happen in one later stage (mmjax.data.preproce
 source only reads. Two kinds:
   RandomAccessSource: __len__ and a thread-safe __getitem__ (shapes, tfds, csv/jsonl, folder);
       the pipeline shuffles indices, repeats and slices them per process.
+      A source that can list its captions without reading images also has texts(limit).
   StreamSource: a list of shards and a grain IterDataset per shard whose iterator state is
       exact (webdataset tars: the byte offset of the next member; parquet: the row); the
       pipeline shuffles the shard order per epoch, slices it per process and interleaves.

@@ -33,6 +33,10 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def texts(self, limit: int) -> list[str]:
+        """The captions are the class names: no image file needs opening."""
+        return [name.replace("_", " ") for name in self.class_names][:limit]
+
     def __getitem__(self, index: int) -> dict:
         path, label = self.paths[index], self.labels[index]
         captions = [self.class_names[label].replace("_", " ")]

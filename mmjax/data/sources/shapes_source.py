@@ -21,9 +21,9 @@ class ShapesRecords:
         self.class_names = shapes.CLASS_NAMES
         self.zeroshot_prompts = [shapes.zeroshot_prompts(c) for c in range(len(shapes.CLASS_NAMES))]
 
-    def all_texts(self) -> list[str]:
+    def texts(self, limit: int) -> list[str]:
         """Every caption the grammar can produce: what its tokenizer is trained on."""
-        return shapes.all_texts()
+        return shapes.all_texts()[:limit]
 
     def __len__(self) -> int:
         return len(self._shapes)

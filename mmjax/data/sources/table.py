@@ -13,6 +13,7 @@ in webdataset or parquet shards.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 
@@ -74,6 +75,11 @@ class TableSource:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def texts(self, limit: int) -> list:
+        """The first captions of the caption column, without opening any image file."""
+        cells = (cell if isinstance(cell, list) else [cell] for cell in self.captions)
+        return list(itertools.islice((c.strip() for cell in cells for c in cell if c.strip()), limit))
 
     def __getitem__(self, index: int) -> dict:
         label = self.labels[index]
