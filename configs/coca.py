@@ -63,6 +63,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
+    # A step whose loss or gradient norm is not finite is skipped; this many in a row stop the run.
+    c.max_nonfinite_steps = 5
 
     c.data = default_data_config()
     # The embedded scenes are rendered at image_size with objects near the edges: a random
