@@ -89,7 +89,7 @@ def main(argv):
         train.run(config, workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

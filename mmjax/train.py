@@ -17,15 +17,11 @@ import optax
 
 from mmjax import checkpoint, metrics, optim
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
-from mmjax.errors import UserError
+from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.evaluator import Evaluator
 from mmjax.models import build_model, towers
 from mmjax.objectives import multimodal
 from mmjax.parallel import sharding
-
-
-class ConfigError(UserError):
-    """A config or workdir problem the user fixes on the command line."""
 
 
 def prepare_workdir(workdir: str) -> str:
