@@ -1,0 +1,146 @@
+"""The run record: what a workdir says about the run that made it, and the check at resume.
+
+Format: `workdir/config.json` is the resolved config (`config.to_dict()`) as one JSON
+object, indented by 2 spaces, keys sorted at every level, nesting as in the config
+(`{"model": {"vision": {"width": 128, ...}, ...}, ...}`). Values are plain JSON: tuples
+are stored as lists, None as null. It is rewritten (atomically) each time a run starts or
+resumes, so it describes the latest invocation; the checkpoint beside it was trained with
+these values up to any resumable change (RESUMABLE below).
+
+At resume, `check_resume` compares the record with the new config key by key (dotted
+keys, e.g. `model.vision.width`): a changed key the checkpoint cannot survive is refused
+in one line before orbax is asked to restore it; resumable changes become a note.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+
+from mmjax.errors import ConfigError
+
+FILENAME = "config.json"
+
+# Keys whose change a checkpoint survives: it restores as saved and the run continues with
+# the new value. Every other key (model shapes and structure, the training data, its order
+# and preprocessing, batch_size, seed, optimizer.name, keys this table does not know) is
+# breaking.
+RESUMABLE = (
+    # cadences
+    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
+    "total_steps",  # at or below the checkpoint's step: nothing left to train (a note, not an error)
+    # evaluation; data settings that leave the training examples' order alone (decoder and
+    # max_image_pixels only change how an image decodes, or whether an oversized one is skipped)
+    "eval.*", "data.eval", "data.num_eval", "data.prefetch", "data.max_bad_fraction",
+    "data.tfds_data_dir", "data.max_image_pixels", "data.decoder",
+    "mesh.*",  # the checkpoint is resharded onto the new mesh
+    # optimizer hyper-parameters: the optimizer state keeps its structure
+    "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.final_lr_fraction",
+    "optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.weight_decay",
+    "optimizer.grad_clip_norm",  # only while it stays zero or stays non-zero (_same_clip_stage)
+    # model and loss options with the same parameters
+    "model.dtype", "model.remat", "model.patch_dropout",
+    "objective.impl", "objective.block_size", "objective.contrastive_weight", "objective.caption_weight",
+)
+
+_ABSENT = object()  # a key only one side has
+
+
+def _same_clip_stage(saved, now) -> bool:
+    """mmjax.optim adds a clip_by_global_norm stage to the optimizer state only for a non-zero norm."""
+    return _ABSENT not in (saved, now) and bool(saved) == bool(now)
+
+
+# Resumable keys with a condition on (saved, now).
+_RESUMABLE_IF = {"optimizer.grad_clip_norm": _same_clip_stage}
+
+
+def path(workdir: str) -> str:
+    return os.path.join(workdir, FILENAME)
+
+
+def as_record(config) -> dict:
+    """The config as config.json holds it: plain JSON values (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def write(workdir: str, config) -> None:
+    """Write the record through a temporary file renamed over it: a crash leaves the old
+    record or the new one, never half a file."""
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    tmp = f"{path(workdir)}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path(workdir))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def read(workdir: str) -> dict | None:
+    """The workdir's record, or None when it has none (a new workdir, or one from before records)."""
+    try:
+        with open(path(workdir)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path(workdir)} is not valid JSON ({e}); restore it, or delete it to resume unchecked")
+
+
+def check_resume(saved: dict, config, saved_step: int) -> list[str]:
+    """Compare the saved record with `config` before restoring the checkpoint of `saved_step`.
+
+    Raises ConfigError naming every changed key the checkpoint cannot survive; returns the
+    note lines (possibly none) for the trainer to print.
+    """
+    old, new = _flatten(saved), _flatten(as_record(config))
+    pairs = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in {**old, **new}}
+    changed = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+    breaking = [f"{k}: saved {_short(a)}, now {_short(b)}" for k, (a, b) in changed.items() if not _resumable(k, a, b)]
+    if breaking:
+        raise ConfigError(
+            f"{'; '.join(breaking)}; this workdir's checkpoint (step {saved_step}) was trained with the saved values: "
+            "revert these flags to resume, or pass a new --workdir to start fresh"
+        )
+    finished = config.total_steps <= saved_step
+    if finished:
+        changed.pop("total_steps", None)  # the note below says it
+    notes = []
+    if changed:
+        listed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
+        notes.append(f"resuming with changed settings: {listed}")
+    if finished:
+        notes.append(
+            f"the checkpoint is already at step {saved_step} ≥ total_steps {config.total_steps}: nothing will be "
+            f"trained and step {saved_step}'s final evaluation is reported; raise --config.total_steps to train on"
+        )
+    return notes
+
+
+def _resumable(key: str, saved, now) -> bool:
+    if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE):
+        return False
+    condition = _RESUMABLE_IF.get(key)
+    return condition is None or condition(saved, now)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty dicts are leaves."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value, limit: int = 40) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
