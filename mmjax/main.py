@@ -8,10 +8,12 @@ import glob
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import configs
+from mmjax import configs, validation
+from mmjax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with a :variant suffix.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config>[_<variant>]).")
@@ -26,20 +28,36 @@ def default_workdir(config_arg: str) -> str:
     return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
+# The value types ml_collections can parse from a --config.key=value flag.
+OVERRIDABLE = (int, float, bool, str, tuple, ml_collections.ConfigDict)
+
+
 def _bad_override(argv, config_arg: str) -> str | None:
-    """Name the first --config.a.b override whose path the config lacks, with the valid keys."""
+    """Name the first --config.a.b override whose path the config lacks (with the valid keys),
+    or whose value ml_collections cannot parse from the command line."""
     path, _, variant = config_arg.partition(":")
-    config = configs.load_config(path, variant)
+    try:
+        config = configs.load_config(path, variant)
+    except Exception:  # the config itself fails to load: no override is to blame
+        return None
     for arg in argv:
         if not arg.startswith("--config."):
             continue
         key = arg[len("--config.") :].split("=", 1)[0]
+        parts = key.split(".")
         node = config
-        for depth, part in enumerate(key.split(".")):
-            if not hasattr(node, "keys") or part not in node:
-                where = ".".join(key.split(".")[:depth]) or "top level"
-                valid = sorted(node.keys()) if hasattr(node, "keys") else []
-                return f"unknown config key {key!r} ({where} has: {', '.join(valid)}); fix the --config.{key} flag"
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth]) or "top level"
+            if not isinstance(node, ml_collections.ConfigDict):
+                return f"unknown config key {key!r} ({where} is a value, not a section); fix the --config.{key} flag"
+            if part not in node:
+                valid = ", ".join(sorted(node.keys()))
+                return f"unknown config key {key!r} ({where} has: {valid}); fix the --config.{key} flag"
+            if depth == len(parts) - 1 and not issubclass(node.get_type(part), OVERRIDABLE):
+                return (
+                    f"--config.{key} cannot be set on the command line: its value is {node[part]!r} and only "
+                    f"int, float, bool, str and tuple values can be; set it in {path} instead"
+                )
             node = node[part]
     return None
 
@@ -52,23 +70,36 @@ def _one_line_error(exc: Exception, argv) -> str:
     if not os.path.isfile(path):
         found = sorted(glob.glob("configs/*.py"))
         return f"config file {path!r} not found; valid: {', '.join(found) or 'configs/<name>.py'}"
-    if isinstance(exc, AttributeError):
-        return _bad_override(argv, config_arg) or str(exc)
+    # ml_collections reports a misspelt key as AttributeError, KeyError (a repr with a
+    # "Did you mean" line) or TypeError depending on its depth: name it ourselves.
+    bad_override = _bad_override(argv, config_arg)
+    if bad_override:
+        return bad_override
     # ml_collections wraps the config's own error (e.g. an unknown variant) in a traceback:
     # its last line is the message meant for the user.
-    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) is a repr
+    lines = [line for line in str(text).splitlines() if line.strip()]
     return lines[-1] if lines else repr(exc)
 
 
+def _exit_with(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_flags(argv):
-    """absl parsing whose failures are one clear line and exit status 2."""
+    """absl parsing, then mmjax.validation: failures are one clear line and exit status 2,
+    before jax starts or any file is written."""
     try:
         rest = flags.FLAGS(argv)
         _CONFIG.value.keys()  # configs load lazily: touch one to surface their errors here
-        return rest
     except (flags.Error, AttributeError, OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: {_one_line_error(e, argv)}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(_one_line_error(e, argv))
+    try:
+        validation.validate(_CONFIG.value)
+    except ConfigError as e:
+        _exit_with(str(e))
+    return rest
 
 
 def main(argv):

@@ -7,6 +7,8 @@ import optax
 
 from mmjax.models.layers import SCANNED_BLOCKS
 
+OPTIMIZERS = ("adamw",)  # optimizer.name
+
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmjax import validation
 from mmjax.data import preprocess, skips, sources, tokenizer as tokenizer_lib
 from mmjax.data.sources.base import RandomAccessSource
 from mmjax.errors import UserError
@@ -136,18 +137,8 @@ def raw_records(spec: str, data_cfg, seed: int) -> grain.IterDataset:
 # --- examples --------------------------------------------------------------------------
 
 def check_options(data_cfg) -> None:
-    """Name a bad preprocessing or reading option before any worker starts."""
-    choices = {"augment.crop": (data_cfg.augment.crop, preprocess.CROPS), "decoder": (data_cfg.decoder, preprocess.DECODERS)}
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise UserError(f"unknown data.{key} {value!r}; valid: {', '.join(valid)}")
-    if data_cfg.decoder == "simplejpeg" and preprocess.simplejpeg is None:
-        raise UserError("data.decoder=simplejpeg but simplejpeg is not installed: pip install simplejpeg (or use auto)")
-    for key in ("shuffle_buffer", "cycle_length"):
-        if data_cfg[key] < 1:
-            raise UserError(f"data.{key} must be at least 1, got {data_cfg[key]}")
-    if not 0 <= data_cfg.max_bad_fraction <= 1:
-        raise UserError(f"data.max_bad_fraction must be in [0, 1], got {data_cfg.max_bad_fraction}")
+    """Name a bad data option before any worker starts: mmjax.validation's rules for data.*."""
+    validation.validate_section(data_cfg, "data.")
 
 
 def train_decode_size(data_cfg) -> int:

@@ -14,6 +14,7 @@ from mmjax.models.coca import CoCa
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODELS = ("coca", "clip")
+MODEL_CLASSES = {"coca": CoCa, "clip": CLIP}  # their ClassVars (towers, has_decoder) describe a config
 
 
 def model_vocab_size(model_cfg, tokenizer_vocab_size: int) -> int:

@@ -35,6 +35,7 @@ from mmjax.kernels import contrastive_blockwise, contrastive_pallas
 from mmjax.kernels.contrastive_ring import Ring
 
 IMPLS = ("dense", "blockwise", "pallas", "ring")
+KINDS = ("clip", "siglip")  # contrastive_loss's `kind`
 _ENGINES = {"blockwise": contrastive_blockwise, "pallas": contrastive_pallas}
 
 

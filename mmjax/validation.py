@@ -1,0 +1,404 @@
+"""Every config value checked before any work: `validate(config)` raises ConfigError with one
+line naming the key, the bad value, what is valid and the flag that fixes it.
+
+RULES maps each dotted key to a check of its value alone; COMBINATIONS then check values
+against each other. Valid choices come from the code that uses them (mmjax.models.DTYPES,
+mmjax.objectives.contrastive.IMPLS, ...). Nothing here touches a device or writes a file,
+so the command line runs it before jax starts and the trainer may run it again. A key
+without a rule passes (tests/test_validation.py gives every shipped key one).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterator
+
+from mmjax import models, optim
+from mmjax.data import preprocess, sources
+from mmjax.errors import ConfigError, UserError
+from mmjax.models import clip, layers, text, towers
+from mmjax.objectives import contrastive
+from mmjax.parallel import sharding
+
+Check = Callable[[str, Any], None]  # (dotted key, value) -> None, or raises ConfigError
+
+
+def leaves(section, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every non-section value under `section`."""
+    for name, value in section.items():
+        if hasattr(value, "items"):
+            yield from leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+# --- checks of one value --------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, key: str, value, requirement: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {requirement}, got {value!r}; set --config.{key} to {fix}")
+
+
+def one_of(choices) -> Check:
+    names = tuple(choices)
+
+    def check(key, value):
+        if value not in names:
+            raise ConfigError(
+                f"unknown {key} {value!r}; valid: {', '.join(names)}; set --config.{key} to one of them"
+            )
+
+    return check
+
+
+def integer(minimum: int) -> Check:
+    def check(key, value):
+        wanted = f"an integer at least {minimum}"
+        _require(_is_int(value), key, value, wanted, wanted)
+        _require(value >= minimum, key, value, f"at least {minimum}", wanted)
+
+    return check
+
+
+def number(low: float = -math.inf, high: float = math.inf, *, low_open=False, high_open=False, finite=True) -> Check:
+    """A number in the interval from low to high (infinite bounds: none on that side)."""
+    if high < math.inf:
+        words = f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low > -math.inf:
+        words = f" above {low}" if low_open else f" at least {low}"
+    else:
+        words = ""
+    wanted = ("a finite number" if finite else "a number") + words
+
+    def check(key, value):
+        _require(_is_number(value) and not math.isnan(value), key, value, wanted, wanted)
+        _require(math.isfinite(value) or not finite, key, value, wanted, wanted)
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        _require(inside, key, value, words.strip(), wanted)
+
+    return check
+
+
+def optional(check: Check, meaning: str) -> Check:
+    """None (which `meaning` explains) or a value `check` accepts."""
+
+    def optional_check(key, value):
+        if value is None:
+            return
+        try:
+            check(key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (or None: {meaning})") from None
+
+    return optional_check
+
+
+def flag(key, value) -> None:
+    _require(isinstance(value, bool), key, value, "True or False", "True or False")
+
+
+def string(key, value) -> None:
+    _require(isinstance(value, str), key, value, "a string", "a string")
+
+
+def numbers(count: int, description: str, ok: Callable[[tuple], bool], example: str) -> Check:
+    """A tuple of `count` finite numbers that `ok` accepts."""
+
+    def check(key, value):
+        valid = (
+            isinstance(value, (tuple, list))
+            and len(value) == count
+            and all(_is_number(x) and math.isfinite(x) for x in value)
+            and ok(tuple(value))
+        )
+        _require(valid, key, value, f"{count} {description}", f"e.g. '{example}'")
+
+    return check
+
+
+def mesh_size(key, value) -> None:
+    wanted = "-1 (all remaining devices) or an integer at least 1"
+    _require(_is_int(value) and (value == -1 or value >= 1), key, value, wanted, wanted)
+
+
+def mesh_rules(key, value) -> None:
+    """(logical axis name, None | a mesh axis | a list of mesh axes) pairs."""
+
+    def is_axes(axes):
+        if axes is None or axes in sharding.MESH_AXES:
+            return True
+        return isinstance(axes, (list, tuple)) and all(a in sharding.MESH_AXES for a in axes)
+
+    for rule in value if isinstance(value, (list, tuple)) else [value]:
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str) and is_axes(rule[1])):
+            raise ConfigError(
+                f"{key} entry {rule!r} is not (logical axis name, None | a mesh axis | a list of mesh axes) with "
+                f"mesh axes from: {', '.join(sharding.MESH_AXES)}; fix {key} in the config file"
+            )
+
+
+def _source_specs(value: str, mixture: bool) -> list[str]:
+    """The specs of `value`; raises UserError for a bad mixture or an unknown scheme."""
+    specs = [spec for spec, _ in sources.parse_mixture(value)] if mixture else [value]
+    for spec in specs:
+        sources.split_spec(spec)
+    return specs
+
+
+def source(mixture: bool) -> Check:
+    """A data source spec (mmjax.data.sources), or with `mixture` a weighted mixture of them."""
+
+    def check(key, value):
+        string(key, value)
+        try:
+            _source_specs(value, mixture)
+        except UserError as e:
+            raise ConfigError(f"{key}={value!r}: {e}; fix --config.{key}") from None
+
+    return check
+
+
+def tokenizer_file(key, value) -> None:
+    """As pipeline.make_tokenizer reads it: "" trains one, anything else is a model file."""
+    string(key, value)
+    if value and not os.path.isfile(os.path.expanduser(value)):
+        raise ConfigError(
+            f"{key}={value!r} is not a file; set --config.{key} to a SentencePiece .model file, "
+            "or to '' to train one on the training captions"
+        )
+
+
+def decoder(key, value) -> None:
+    one_of(preprocess.DECODERS)(key, value)
+    if value == "simplejpeg" and preprocess.simplejpeg is None:
+        raise ConfigError(
+            f"{key}='simplejpeg' needs the simplejpeg package, which is not installed: pip install simplejpeg, "
+            f"or set --config.{key} to auto or pillow"
+        )
+
+
+POSITIVE = integer(1)
+PAPER_INIT = "the paper's value for objective.contrastive"
+
+RULES: dict[str, Check] = {
+    "seed": integer(0),
+    "total_steps": POSITIVE,
+    "batch_size": POSITIVE,
+    "log_every": POSITIVE,
+    "eval_every": POSITIVE,
+    "checkpoint_every": POSITIVE,
+    "keep_checkpoints": POSITIVE,
+    "max_nonfinite_steps": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    # data
+    "data.train": source(mixture=True),
+    "data.eval": source(mixture=False),  # the trainer opens one held-out split
+    "data.num_eval": POSITIVE,
+    "data.image_size": POSITIVE,
+    "data.text_len": integer(2),  # BOS and EOS
+    "data.tokenizer": tokenizer_file,
+    "data.vocab_size": POSITIVE,
+    "data.tokenizer_max_texts": POSITIVE,
+    "data.image_key": string,
+    "data.text_key": string,
+    "data.tfds_data_dir": string,
+    "data.augment.crop": one_of(preprocess.CROPS),
+    "data.augment.scale": numbers(2, "numbers 0 < low <= high <= 1", lambda s: 0 < s[0] <= s[1] <= 1, "(0.9, 1.0)"),
+    "data.augment.ratio": numbers(2, "numbers 0 < low <= high", lambda r: 0 < r[0] <= r[1], "(0.75, 1.333)"),
+    "data.augment.flip": flag,
+    "data.decoder": decoder,
+    "data.max_image_pixels": POSITIVE,
+    "data.max_bad_fraction": number(0, 1),
+    "data.shuffle_buffer": POSITIVE,
+    "data.cycle_length": POSITIVE,
+    "data.worker_count": integer(0),
+    "data.prefetch": integer(0),
+    # model
+    "model.name": one_of(models.MODELS),
+    "model.dtype": one_of(models.DTYPES),
+    "model.embed_dim": POSITIVE,
+    "model.vocab_size": optional(POSITIVE, "the tokenizer's size"),
+    "model.caption_queries": POSITIVE,
+    **{f"model.vision.{k}": POSITIVE for k in ("patch_size", "width", "depth", "mlp_dim", "heads")},
+    **{
+        f"model.text.{k}": POSITIVE
+        for k in ("width", "depth", "unimodal_depth", "multimodal_depth", "mlp_dim", "heads")
+    },
+    "model.image_pool": one_of(clip.IMAGE_POOLING),
+    "model.text_pool": one_of(text.TEXT_POOLING),
+    "model.projection_bias": flag,
+    "model.logit_scale_init": optional(number(), PAPER_INIT),
+    "model.logit_scale_max": optional(number(finite=False), PAPER_INIT + "; inf: no clamp"),
+    "model.logit_bias_init": optional(number(), PAPER_INIT),
+    "model.remat": one_of(layers.REMAT_CHOICES),
+    "model.scan_layers": flag,
+    "model.patch_dropout": number(0, 1, high_open=True),
+    **{f"model.lock_{tower}": flag for tower in towers.LOCKABLE},
+    "model.image_mean": numbers(3, "numbers (R, G, B)", lambda m: True, "(0.5, 0.5, 0.5)"),
+    "model.image_std": numbers(3, "numbers above 0 (R, G, B)", lambda s: min(s) > 0, "(0.5, 0.5, 0.5)"),
+    # objective
+    "objective.contrastive": one_of(contrastive.KINDS),
+    "objective.contrastive_weight": number(0),
+    "objective.caption_weight": number(0),
+    "objective.impl": one_of(contrastive.IMPLS),
+    "objective.block_size": POSITIVE,
+    # optimizer
+    "optimizer.name": one_of(optim.OPTIMIZERS),
+    "optimizer.learning_rate": number(0, low_open=True),
+    "optimizer.warmup_steps": integer(0),
+    "optimizer.final_lr_fraction": number(0, 1),
+    "optimizer.b1": number(0, 1, high_open=True),
+    "optimizer.b2": number(0, 1, high_open=True),
+    "optimizer.eps": number(0, low_open=True),
+    "optimizer.weight_decay": number(0),
+    "optimizer.grad_clip_norm": number(0),  # 0: no clipping
+    # mesh
+    **{f"mesh.{axis}": mesh_size for axis in sharding.MESH_AXES},
+    "mesh.rules": mesh_rules,
+}
+
+
+# --- checks of values together ----------------------------------------------------------
+
+
+def _get(config, key: str, default=None):
+    for part in key.split("."):
+        if not hasattr(config, "get") or part not in config:
+            return default
+        config = config[part]
+    return config
+
+
+def heads_divide_width(config) -> None:
+    for tower in ("vision", "text"):
+        width, heads = _get(config, f"model.{tower}.width"), _get(config, f"model.{tower}.heads")
+        if width is not None and heads is not None and width % heads:
+            divisors = ", ".join(str(d) for d in range(1, min(width, 64) + 1) if width % d == 0)
+            raise ConfigError(
+                f"model.{tower}.heads={heads} does not divide model.{tower}.width={width}; set "
+                f"--config.model.{tower}.heads to a divisor of {width} ({divisors}{', ...' if width > 64 else ''}) "
+                f"or change the width"
+            )
+
+
+def patches_tile_image(config) -> None:
+    size, patch = _get(config, "data.image_size"), _get(config, "model.vision.patch_size")
+    if size is not None and patch is not None and size % patch:
+        below, above = size - size % patch, size - size % patch + patch
+        raise ConfigError(
+            f"data.image_size={size} is not a multiple of model.vision.patch_size={patch}; set "
+            f"--config.data.image_size to a multiple of {patch} (e.g. {' or '.join(map(str, filter(None, (below, above))))})"
+        )
+
+
+def one_mesh_remainder(config) -> None:
+    rest = [axis for axis in sharding.MESH_AXES if _get(config, f"mesh.{axis}") == -1]
+    if len(rest) > 1:
+        raise ConfigError(
+            f"{' and '.join(f'mesh.{a}=-1' for a in rest)}: at most one mesh axis may be -1 (all remaining "
+            f"devices); set the others to a size, e.g. --config.mesh.{rest[1]}=1"
+        )
+
+
+def some_loss(config) -> None:
+    weights = {key: _get(config, f"objective.{key}", 1) for key in ("contrastive_weight", "caption_weight")}
+    if not any(weights.values()):
+        raise ConfigError(
+            " and ".join(f"objective.{k}={w}" for k, w in weights.items()) + " leave no loss to train; "
+            "set --config.objective.contrastive_weight (or caption_weight) above 0"
+        )
+
+
+def caption_needs_decoder(config) -> None:
+    weight, name = _get(config, "objective.caption_weight", 0), _get(config, "model.name")
+    if weight > 0 and name in models.MODEL_CLASSES and not models.MODEL_CLASSES[name].has_decoder:
+        captioners = [n for n, cls in models.MODEL_CLASSES.items() if cls.has_decoder]
+        raise ConfigError(
+            f"objective.caption_weight={weight} needs a caption decoder, but model.name={name!r} has none "
+            f"(models with one: {', '.join(captioners)}); set --config.objective.caption_weight=0"
+        )
+
+
+def something_to_train(config) -> None:
+    """Locking every lockable tower leaves only CoCa's decoder, which learns from the caption loss."""
+    name = _get(config, "model.name")
+    if name not in models.MODEL_CLASSES or not all(_get(config, f"model.lock_{t}") for t in towers.LOCKABLE):
+        return
+    decoder_learns = models.MODEL_CLASSES[name].has_decoder and _get(config, "objective.caption_weight", 0) > 0
+    if not decoder_learns:
+        locks = " and ".join(f"model.lock_{t}=True" for t in towers.LOCKABLE)
+        raise ConfigError(
+            f"{locks} leave nothing to train in a {name} model"
+            + (" with objective.caption_weight=0" if models.MODEL_CLASSES[name].has_decoder else "")
+            + f"; set --config.model.lock_{towers.LOCKABLE[-1]}=False (or lock_{towers.LOCKABLE[0]})"
+        )
+
+
+def bias_needs_sigmoid(config) -> None:
+    bias, loss = _get(config, "model.logit_bias_init"), _get(config, "objective.contrastive")
+    if bias is not None and loss == "clip":
+        raise ConfigError(
+            f"model.logit_bias_init={bias} needs objective.contrastive='siglip', but it is {loss!r} (a softmax "
+            "loss has no bias); set --config.objective.contrastive=siglip or leave model.logit_bias_init unset"
+        )
+
+
+def pinned_vocab_fits(config) -> None:
+    """A trained tokenizer has exactly data.vocab_size pieces; a pinned table must hold them."""
+    pinned, pieces = _get(config, "model.vocab_size"), _get(config, "data.vocab_size")
+    if pinned is not None and pieces is not None and not _get(config, "data.tokenizer") and pinned < pieces:
+        raise ConfigError(
+            f"model.vocab_size={pinned} is smaller than data.vocab_size={pieces}, the trained tokenizer's pieces; "
+            "raise --config.model.vocab_size or lower --config.data.vocab_size"
+        )
+
+
+def embedded_sources_open(config) -> None:
+    """shapes: specs are generated, not read: opening one is free and checks its split and image size."""
+    for key in ("data.train", "data.eval"):
+        value = _get(config, key)
+        if value is None:
+            continue
+        for spec in _source_specs(value, mixture=key == "data.train"):
+            if sources.split_spec(spec)[0] == "shapes":
+                try:
+                    sources.open_source(spec, config.data)
+                except UserError as e:
+                    raise ConfigError(f"{key}={value!r}: {e}") from None
+
+
+COMBINATIONS: tuple[Callable[[Any], None], ...] = (
+    heads_divide_width,
+    patches_tile_image,
+    one_mesh_remainder,
+    some_loss,
+    caption_needs_decoder,
+    something_to_train,
+    bias_needs_sigmoid,
+    pinned_vocab_fits,
+    embedded_sources_open,
+)
+
+
+def validate_section(section, prefix: str = "") -> None:
+    """The per-key rules for the values under `section` (e.g. config.data with prefix "data.")."""
+    for key, value in leaves(section, prefix):
+        check = RULES.get(key)
+        if check is not None:
+            check(key, value)
+
+
+def validate(config) -> None:
+    """Raises ConfigError for the first bad value or combination; pure, so safe to call twice."""
+    validate_section(config)
+    for combination in COMBINATIONS:
+        combination(config)
