@@ -2,25 +2,58 @@
 
 Saves are async and atomic (orbax writes to a temporary directory and renames it when
 complete), so a crash mid-save leaves the previous checkpoint as the latest restorable one.
+
+Failures are one line each, never a traceback flood:
+- restore_latest: an unreadable step (truncated or missing file, bad metadata) is moved to
+  `<directory>_unreadable/<step>` (kept, and out of orbax's sight) with one warning, and the
+  next older step is tried; RunStopped only when none can be read.
+- check_for_errors (after every step), save and close: a failed async save (disk full, file
+  too large, permission) stops the run with RunStopped naming the error and the free space.
+- close(abandon=True), while another exception propagates: raises and prints nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from mmjax.errors import RunStopped, UserError
+
+# orbax's own words when the state asked for does not fit the checkpoint (another config wrote
+# it): the files are fine, so they stay where they are.
+_MISMATCH = ("not compatible with the stored shape", "tree structures do not match")
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self._manager = ocp.CheckpointManager(
-            directory,
-            options=ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-                enable_async_checkpointing=async_save,
-                # A crash can leave a half-written tmp step directory behind; orbax ignores it
-                # for latest_step() and removes it at the next start.
-                cleanup_tmp_directories=True,
-            ),
-        )
+        self._directory = os.path.abspath(directory)
+        self._aside = f"{self._directory}_unreadable"  # where unreadable steps go: orbax never looks there
+        self._quiet = _QuietOrbax()
+        self._saving = None  # step of the last save not yet seen to have landed
+        self._failure = None  # RunStopped message once a save failed
+        _silence_async_leftovers()
+        with self._quiet.muted():  # listing the steps warns about any bad metadata it meets
+            self._manager = ocp.CheckpointManager(
+                self._directory,
+                options=ocp.CheckpointManagerOptions(
+                    preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+                    enable_async_checkpointing=async_save,
+                    # A crash can leave a half-written tmp step directory behind; orbax ignores it
+                    # for latest_step() and removes it at the next start.
+                    cleanup_tmp_directories=True,
+                ),
+            )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -31,12 +64,24 @@ class Checkpointer:
 
         The iterator state is snapshotted by the caller at the same step as `state`: with
         async saving the live iterator would already have moved on when orbax writes it.
+        Raises RunStopped if this or the previous save could not be written.
         """
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=True,
-        )
+        self._raise_if_save_failed(block=True)
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                force=True,
+            )
+        except Exception as e:
+            if _os_error(e) is None:  # a bug, not the disk: keep its traceback
+                raise
+            self._save_failed(step, e)
+        self._saving = step
+
+    def check_for_errors(self) -> None:
+        """Raise RunStopped if an async save failed. Cheap: never waits for a save in flight."""
+        self._raise_if_save_failed(block=False)
 
     def restore(self, step: int, abstract_state):
         """Restore onto `abstract_state`'s shardings (which may be those of a different mesh).
@@ -51,10 +96,233 @@ class Checkpointer:
         )
         return restored["state"], restored["data"]
 
+    def restore_latest(self, abstract_state):
+        """Restore the newest readable step -> (step, state, data_state); None if there is none.
+
+        An unreadable step is moved aside (one warning line on stderr) while an older one is
+        left to try; when the oldest cannot be read either, RunStopped says why for each.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        failed = []
+        for step, older in zip(steps, steps[1:] + [None]):
+            try:
+                with self._quiet.muted():
+                    return (step, *self.restore(step, abstract_state))
+            except Exception as e:
+                reason = _one_line(e)
+                if any(phrase in str(e) for phrase in _MISMATCH):
+                    raise UserError(
+                        f"checkpoint step {step} in {self._directory} does not fit this run's model or "
+                        f"optimizer ({reason}); re-run with the config that wrote it, or pass a new --workdir"
+                    ) from None
+                failed.append(f"step {step} ({reason})")
+                if older is None:  # the oldest stays where it is: starting over is the user's call
+                    moved = f" ({', '.join(f'step {s}' for s in steps[:-1])} now in {self._aside})" if steps[1:] else ""
+                    raise RunStopped(
+                        f"no checkpoint in {self._directory} can be read: {', '.join(failed)}{moved}; "
+                        f"moving {self._directory} aside starts the run fresh"
+                    ) from None
+                moved = self._move_aside(step)
+                print(
+                    f"warning: checkpoint step {step} in {self._directory} cannot be read ({reason}); "
+                    f"moved it to {moved} and trying step {older}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return None
+
     def reached_preemption(self, step: int) -> bool:
         return self._manager.reached_preemption(step)
 
-    def close(self) -> None:
-        """Block until pending async saves are durable."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+    def close(self, abandon: bool = False) -> None:
+        """Block until pending async saves are durable; RunStopped if one failed.
+
+        abandon: an exception is already on its way out. Nothing is raised or printed, so its
+        traceback stays the last thing on the console; a save in flight still gets to land
+        (its non-daemon thread would hold the process until then anyway).
+        """
+        try:
+            if abandon:
+                with self._quiet.muted(), contextlib.suppress(Exception):
+                    self._raise_if_save_failed(block=True)
+            else:
+                self._raise_if_save_failed(block=True)
+        finally:
+            with self._quiet.muted(), contextlib.suppress(Exception):
+                self._manager.close()
+            self._quiet.remove()
+
+    def _raise_if_save_failed(self, block: bool) -> None:
+        if self._failure is None and self._saving is not None:
+            if block or not self._manager.is_saving_in_progress():
+                step, self._saving = self._saving, None
+                try:
+                    self._manager.wait_until_finished()
+                except Exception as e:
+                    self._save_failed(step, e)
+        if self._failure is not None:
+            raise RunStopped(self._failure)
+
+    def _save_failed(self, step: int, error: Exception):
+        self._remove_partial(step)
+        with self._quiet.muted():
+            self._manager.reload()  # the save already forgot steps it meant to replace; they are still there
+        last = self._manager.latest_step()
+        resume = (f"it resumes from the last good checkpoint, step {last}, which is intact" if last
+                  else "no checkpoint was written before, so it starts from step 0")
+        self._failure = (
+            f"could not write checkpoint step {step} to {self._directory}: {_os_error(error) or _one_line(error)}; "
+            f"that filesystem has {_size(_free_bytes(self._directory))} free after removing the partial step "
+            f"{step}. Free space there (or move the workdir to a bigger disk and pass that --workdir), then "
+            f"re-run the same command: {resume}"
+        )
+        raise RunStopped(self._failure)
+
+    def _remove_partial(self, step: int) -> None:
+        """Remove what the failed save wrote: orbax's `<step>.orbax-checkpoint-tmp[-<time>]`.
+        Writes of that save still in flight recreate files in it for a moment after the
+        failure, so remove until it stays gone (orbax would also remove it at the next start)."""
+        pattern = os.path.join(self._directory, f"{step}.orbax-checkpoint-tmp*")
+        gone_for = 0
+        for _ in range(50):  # 5 s at most
+            partial = glob.glob(pattern)
+            for path in partial:
+                shutil.rmtree(path, ignore_errors=True)
+            gone_for = 0 if partial else gone_for + 1
+            if gone_for == 3:
+                return
+            time.sleep(0.1)
+
+    def _move_aside(self, step: int) -> str:
+        """Move the step directory out of the directory orbax scans; returns where it went."""
+        target, n = os.path.join(self._aside, str(step)), 1
+        while os.path.exists(target):  # the same step went bad in an earlier run too
+            n += 1
+            target = os.path.join(self._aside, f"{step}.{n}")
+        if jax.process_index() == 0:
+            os.makedirs(self._aside, exist_ok=True)
+            shutil.move(os.path.join(self._directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"mmjax checkpoint {step} moved aside")
+        with self._quiet.muted():
+            self._manager.reload()
+        return target
+
+
+_ORBAX_DIR = os.path.dirname(ocp.__file__)
+
+
+class _QuietOrbax(logging.Filter):
+    """Keeps orbax's log tracebacks off the console while this Checkpointer is open: every
+    failure they describe reaches the user as one line (a warning or RunStopped). Inside
+    `muted()` (listing steps, restoring, closing) orbax's other records are dropped too.
+    Other loggers, and orbax after close(), are untouched."""
+
+    def __init__(self):
+        super().__init__()
+        self._muted = 0
+        logging.getLogger("absl").addFilter(self)  # orbax logs through absl.logging
+
+    def filter(self, record):
+        return not record.pathname.startswith(_ORBAX_DIR) or not (self._muted or record.exc_info)
+
+    @contextlib.contextmanager
+    def muted(self):
+        self._muted += 1
+        try:
+            yield
+        finally:
+            self._muted -= 1
+
+    def remove(self):
+        logging.getLogger("absl").removeFilter(self)
+
+
+class _AbandonedOrbaxWork(logging.Filter):
+    """asyncio's "... exception was never retrieved" for an orbax task (its traceback runs
+    through orbax) or a tensorstore future (an error set from C++ and never raised, so no
+    traceback, with a status-code message such as "OUT_OF_RANGE: ...")."""
+
+    def filter(self, record):
+        if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        if error.__traceback__ is None:
+            return not re.match(r"[A-Z_]+: ", str(error))
+        frames = traceback.walk_tb(error.__traceback__)
+        return not any(frame.f_code.co_filename.startswith(_ORBAX_DIR) for frame, _ in frames)
+
+
+def _silence_async_leftovers() -> None:
+    """A failed read or write returns while orbax's other reads or writes of that step are
+    still in flight, and orbax closes the event loop it ran them on. Each then surfaces on
+    its own, seconds later (after the one-line report, even after close), as a traceback:
+    - tensorstore's completion callback finds the loop closed: RuntimeError("Event loop is
+      closed") through sys.unraisablehook;
+    - the abandoned orbax coroutine, closed when collected, turns GeneratorExit into an
+      Exception (its `except BaseException`): "Exception ignored in: <coroutine ...>";
+    - the collected task or future logs "... exception was never retrieved" (asyncio logger);
+    one per array: hundreds of lines. They are harmless, so from the first Checkpointer on
+    exactly those are dropped; everything else still reaches the hook and the logger."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedOrbaxWork) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AbandonedOrbaxWork())
+    if getattr(sys.unraisablehook, "drops_orbax_async_leftovers", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_async_leftover(unraisable):
+            previous(unraisable)
+
+    hook.drops_orbax_async_leftovers = True
+    sys.unraisablehook = hook
+
+
+def _is_async_leftover(unraisable) -> bool:
+    if unraisable.object is None:  # tensorstore's completion callback
+        exc = unraisable.exc_value
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and code.co_filename.startswith(_ORBAX_DIR)
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost message of an explicit `raise ... from` chain, as one short line:
+    tensorstore's status line without its JSON spec payloads."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = re.split(r" \[[\w ]+(?:\[\d+\])?='", text)[0]  # [tensorstore_spec='{...}'], [source locations='...']
+    text = re.sub(r'(Error opening "\w+" driver: )+', "", text)
+    return text if re.match(r"[A-Z_]+: ", text) else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+def _os_error(error: BaseException) -> str | None:
+    """'No space left on device (ENOSPC)' if an OS error is behind `error`: a Python OSError,
+    or tensorstore's `[os_error_code=28]` inside a ValueError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = error.errno if isinstance(error, OSError) else None
+        match = re.search(r"os_error_code='?(\d+)", str(error))
+        code = code or (int(match[1]) if match else None)
+        if code:
+            return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _free_bytes(directory: str) -> int:
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    return shutil.disk_usage(directory).free
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
