@@ -22,9 +22,8 @@ Run settings: roughly open_clip's LAION-400M recipe (batch 32,768, lr 5e-4, weig
 and CLIP's pixel mean/std. Data: `data.train` / `data.eval` default to the embedded shapes
 dataset rendered at 224 px; point them at real data (README, "Train on your own data").
 """
-import math
-
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mmjax.configs import load_config, sibling
 from mmjax.data.pipeline import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
@@ -68,9 +67,10 @@ def clip_model(*, embed, patch, vision_width, vision_depth, vision_heads, text_w
             image_pool="cls",  # [CLS] token, ln_pre, bias-free patch embedding (open_clip's ViT)
             text_pool="eot",  # causal, pooled at the end-of-text token
             projection_bias=False,
-            logit_scale_init=math.log(1 / 0.07),
-            logit_scale_max=math.log(100.0),
-            logit_bias_init=None,
+            # None: objective.contrastive's paper init (configs/coca.py, mmjax.models).
+            logit_scale_init=placeholder(float),
+            logit_scale_max=placeholder(float),
+            logit_bias_init=placeholder(float),
             remat="none",  # per block: none | full | dots
             scan_layers=False,
             patch_dropout=0.0,  # FLIP

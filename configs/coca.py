@@ -37,6 +37,7 @@ and normalise with CLIP's pixel mean/std. The run settings are the paper's; run 
 pod, not a laptop.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mmjax.data.pipeline import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, default_data_config
 
@@ -89,6 +90,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.lock_text = False  # LiT: freeze the text tower
     c.model.image_mean = (0.5, 0.5, 0.5)  # pixels are normalised on device: (x/255 - mean) / std
     c.model.image_std = (0.5, 0.5, 0.5)
+    # The contrastive loss's learned scalars: None takes objective.contrastive's paper init
+    # (softmax: log 1/0.07 clamped at log 100, no bias; sigmoid: log 10, no clamp, b = -10).
+    c.model.logit_scale_init = placeholder(float)  # t′: logits are scaled by exp(t′)
+    c.model.logit_scale_max = placeholder(float)  # clamp on t′; inf: none
+    c.model.logit_bias_init = placeholder(float)  # SigLIP's b; sigmoid loss only
 
     c.objective = ml_collections.ConfigDict()
     c.objective.contrastive = "clip"  # symmetric InfoNCE; "siglip" for the sigmoid loss

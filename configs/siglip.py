@@ -20,8 +20,6 @@ large-batch settings); pixels scaled to [-1, 1] as big_vision does (mean = std =
 CLIP's statistics. Data: `data.train` / `data.eval` default to the embedded shapes dataset
 rendered at 224 px; point them at real data (README, "Train on your own data").
 """
-import math
-
 import ml_collections
 
 from mmjax.configs import load_config, sibling
@@ -47,10 +45,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             image_pool="map",  # MAP head; no [CLS] token, no ln_pre, patch embedding with bias
             text_pool="last",  # bidirectional, pooled at the last position
             projection_bias=True,
-            logit_scale_init=math.log(10.0),  # t′
-            logit_scale_max=None,
-            logit_bias_init=-10.0,  # b
         )
     )
-    c.objective.contrastive = "siglip"
+    c.objective.contrastive = "siglip"  # also the inits: t′ = log 10 (not clamped), b = -10
     return c

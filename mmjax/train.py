@@ -136,7 +136,7 @@ def build_components(config, tokenizer_path: str, devices=None) -> Components:
     mesh = sharding.make_mesh(config.mesh, devices)
     check_config(config, mesh)
     tok = pipeline.make_tokenizer(config.data, tokenizer_path)
-    model = build_model(config.model, tok.vocab_size, tok.pad_id)
+    model = build_model(config.model, tok.vocab_size, tok.pad_id, contrastive=config.objective.contrastive)
     return Components(
         mesh=mesh,
         rules=sharding.rules_from_config(config.mesh),

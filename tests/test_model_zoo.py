@@ -47,9 +47,9 @@ def random_params(boxed_shapes, seed=0):
     return jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), nn.unbox(boxed_shapes))
 
 
-def init(model_cfg, seed=0):
+def init(model_cfg, seed=0, contrastive="clip"):
     """-> (model, boxed parameter shapes, random parameters)."""
-    model = build_model(model_cfg, VOCAB, PAD)
+    model = build_model(model_cfg, VOCAB, PAD, contrastive=contrastive)
     boxed = jax.eval_shape(model.init, jax.random.key(0), *batch(1))["params"]
     return model, boxed, random_params(boxed, seed)
 
@@ -77,7 +77,9 @@ def count(tree) -> int:
 @pytest.mark.parametrize("path,variant", ZOO)
 def test_every_config_builds_under_eval_shape(path, variant):
     config = load_config(path, variant)
-    model = build_model(config.model, model_vocab_size(config.model, config.data.vocab_size))
+    model = build_model(
+        config.model, model_vocab_size(config.model, config.data.vocab_size), contrastive=config.objective.contrastive
+    )
     params = summary.abstract_params(model, config)  # shapes only: nothing allocated
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     # bf16 activations (the paper variants) still give f32 embeddings, scale and logits.
@@ -91,7 +93,7 @@ def test_every_config_builds_under_eval_shape(path, variant):
 )
 def test_clip_parameter_counts_equal_open_clip(variant, published):
     config = load_config("configs/clip.py", variant)
-    model = build_model(config.model, config.model.vocab_size)
+    model = build_model(config.model, config.model.vocab_size, contrastive=config.objective.contrastive)
     assert count(summary.abstract_params(model, config)) == published
 
 
@@ -103,7 +105,7 @@ def test_clip_parameter_counts_equal_open_clip(variant, published):
 )
 def test_coca_tower_sizes_match_the_paper(variant, image_encoder, text_decoder, rel):
     config = load_config("configs/coca.py", variant)
-    model = build_model(config.model, config.model.vocab_size)
+    model = build_model(config.model, config.model.vocab_size, contrastive=config.objective.contrastive)
     params = summary.abstract_params(model, config)
     assert count(params["image_encoder"]) / 1e6 == pytest.approx(image_encoder, rel=0.01)
     text = count(params["unimodal_decoder"]) + count(params["multimodal_decoder"])
@@ -112,7 +114,7 @@ def test_coca_tower_sizes_match_the_paper(variant, image_encoder, text_decoder, 
 
 def test_siglip_b16_matches_big_vision_size():
     config = load_config("configs/siglip.py", "b16")
-    model = build_model(config.model, config.model.vocab_size)
+    model = build_model(config.model, config.model.vocab_size, contrastive=config.objective.contrastive)
     # ≈203M: open_clip's timm image tower (no image head) has 203.16M; big_vision's head
     # adds 768·768 + 768.
     assert count(summary.abstract_params(model, config)) / 1e6 == pytest.approx(203.16 + 0.59, abs=0.01)
@@ -124,7 +126,7 @@ def test_siglip_b16_matches_big_vision_size():
 @pytest.mark.parametrize("path", FAMILIES)
 def test_default_variants_run_forward(path):
     config = load_config(path)
-    model = build_model(config.model, config.data.vocab_size)
+    model = build_model(config.model, config.data.vocab_size, contrastive=config.objective.contrastive)
     n, size, length = 2, config.data.image_size, config.data.text_len - 1
     images = jnp.zeros((n, size, size, 3), jnp.uint8)
     tokens = jnp.ones((n, length), jnp.int32)
@@ -160,7 +162,7 @@ def test_clip_text_embedding_is_pooled_at_end_of_text():
 def test_every_parameter_has_logical_names_of_its_rank(path, scan):
     model_cfg = tiny_zoo_model(path)
     model_cfg.scan_layers = scan
-    _, boxed, _ = init(model_cfg)
+    _, boxed, _ = init(model_cfg, contrastive=load_config(path).objective.contrastive)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     unnamed = [x for x in leaves if not isinstance(x, nn.Partitioned)]
     assert not unnamed, f"{len(unnamed)} parameters without logical names, e.g. {unnamed[0]}"
@@ -177,7 +179,7 @@ def test_every_parameter_has_logical_names_of_its_rank(path, scan):
 # CoCa uses every logical name; SigLIP adds the MAP head and the logit bias.
 @pytest.mark.parametrize("path", ["configs/coca.py", "configs/siglip.py"])
 def test_forward_on_2x2x2_mesh_equals_single_device(path):
-    model, boxed, params = init(tiny_zoo_model(path))
+    model, boxed, params = init(tiny_zoo_model(path), contrastive=load_config(path).objective.contrastive)
     images, tokens = batch()
     forward = lambda p, x: model.apply({"params": p}, *x)
     expected = jax.jit(forward)(params, (images, tokens))
@@ -225,7 +227,7 @@ def test_remat_and_scan_give_the_same_loss_and_gradients_for_a_whole_model():
     loss, grads = jax.jit(jax.value_and_grad(loss_fn(plain, objective)))(params)
     variant_cfg = tiny_zoo_model("configs/coca.py")
     variant_cfg.remat, variant_cfg.scan_layers = "dots", True
-    variant = build_model(variant_cfg, VOCAB, PAD)
+    variant = build_model(variant_cfg, VOCAB, PAD, contrastive=objective.contrastive)
     v_loss, v_grads = jax.jit(jax.value_and_grad(loss_fn(variant, objective)))(scan_layout.stack_blocks(params))
     np.testing.assert_allclose(v_loss, loss, rtol=1e-6)
     # Same math, different op order under scan: float32 rounding only (|g| reaches ~20).
@@ -259,7 +261,7 @@ def test_patch_dropout_acts_only_in_training(path):
     model_cfg = tiny_zoo_model(path)
     plain, _, params = init(model_cfg)
     model_cfg.patch_dropout = 0.5
-    dropping = build_model(model_cfg, VOCAB, PAD)
+    dropping = build_model(model_cfg, VOCAB, PAD, contrastive="clip")
     images, _ = batch()
 
     def encoder(model, train):
@@ -286,7 +288,7 @@ def test_patch_dropout_acts_only_in_training(path):
 def train_step_on_one_device(config, pad_id=PAD):
     """-> (initial state, jitted train step, a batch) for `config` on one device."""
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = build_model(config.model, VOCAB, pad_id)
+    model = build_model(config.model, VOCAB, pad_id, contrastive=config.objective.contrastive)
     tx = optim.make_optimizer(config.optimizer, config.total_steps, train.locked_mask(model, config.model))
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     images, tokens = batch(8)
@@ -332,7 +334,7 @@ def test_locked_image_tower_gets_no_gradient_and_no_update():
 
 def test_locking_text_freezes_exactly_the_text_tower():
     config = tiny_train_config(**{"model.lock_text": True})
-    model = build_model(config.model, VOCAB, PAD)
+    model = build_model(config.model, VOCAB, PAD, contrastive=config.objective.contrastive)
     _, _, params = init(config.model)
     frozen = train.locked_mask(model, config.model)(params)
     assert {name for name, sub in frozen.items() if all(jax.tree.leaves(sub))} == set(CoCa.towers["text"])

@@ -16,7 +16,7 @@ VOCAB, PAD = 40, 0
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    model = build_model(tiny_model_config(), VOCAB, PAD)
+    model = build_model(tiny_model_config(), VOCAB, PAD, contrastive="clip")
     images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
     tokens = jnp.ones((2, 7), jnp.int32)
     params = model.init(jax.random.key(0), images, tokens)["params"]
@@ -104,7 +104,7 @@ def test_image_embedding_does_not_depend_on_text(model_and_params):
 
 
 def test_bfloat16_activations_keep_float32_params_and_outputs():
-    model = build_model(tiny_model_config("bfloat16"), VOCAB, PAD)
+    model = build_model(tiny_model_config("bfloat16"), VOCAB, PAD, contrastive="clip")
     variables = model.init(jax.random.key(0), random_images(0), random_tokens(1))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
     out = model.apply(variables, random_images(0), random_tokens(1))

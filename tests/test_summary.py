@@ -49,7 +49,7 @@ def test_bad_config_flags_are_one_line_errors(args, expected):
 def abstract(path):
     config = load_config(path)
     config.objective.impl = "dense"
-    model = build_model(config.model, config.data.vocab_size)
+    model = build_model(config.model, config.data.vocab_size, contrastive=config.objective.contrastive)
     return config, model, summary.abstract_params(model, config)
 
 
@@ -90,7 +90,7 @@ def test_activation_memory_shrinks_with_remat_and_bfloat16():
     def per_example(**options):
         c = config.copy_and_resolve_references()
         c.model.update(options)
-        model = build_model(c.model, c.data.vocab_size)
+        model = build_model(c.model, c.data.vocab_size, contrastive=c.objective.contrastive)
         return summary.activation_bytes_per_example(model, c, summary.abstract_params(model, c))
 
     none, dots, full = (per_example(remat=r) for r in ("none", "dots", "full"))

@@ -135,7 +135,7 @@ def test_batch_not_divisible_by_mesh_is_a_clear_error(tmp_path):
 
 def test_weight_decay_skips_norms_biases_and_temperature():
     config = tiny_train_config()
-    model = build_model(config.model, 40)
+    model = build_model(config.model, 40, contrastive=config.objective.contrastive)
     params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.uint8), np.ones((1, 7), np.int32)))["params"]
     mask = optim.decay_mask(params)
     assert not mask["logit_scale"]

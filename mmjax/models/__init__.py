@@ -1,15 +1,30 @@
 """Model registry: config.model.name -> a Flax module built from the config.
 
     coca   CoCa (mmjax.models.coca)
-    clip   two towers (mmjax.models.clip): CLIP, or SigLIP with image_pool="map",
-           text_pool="last" and a logit bias
+    clip   two towers (mmjax.models.clip): CLIP, or SigLIP with image_pool="map" and
+           text_pool="last"
+
+The contrastive loss's learned scalars follow objective.contrastive, on every model: with
+"siglip" the model learns SigLIP's bias b (parameter "logit_bias"), with "clip" it has
+none (a softmax ignores a shared bias). Every shipped config's model section, CoCa's too,
+has the same three keys: logit_scale_init (t′; logits are scaled by exp(t′)),
+logit_scale_max (t′'s clamp; inf: none) and logit_bias_init (b), declared as
+placeholder(float) so that a flag can pin them. None (their value in every shipped config)
+means the loss's paper init (PAPER_LOGIT_INITS; under "siglip" b = −10); a number pins it.
+So configs/siglip.py needs no inits of its own, and configs/coca.py or clip.py with
+--config.objective.contrastive=siglip get SigLIP's. A pinned bias with the softmax loss is
+a ConfigError, not an unused parameter.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
 from mmjax.models import layers
-from mmjax.models.clip import CLIP
+from mmjax.models.clip import CLIP, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from mmjax.models.coca import CoCa
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -29,6 +44,43 @@ def model_vocab_size(model_cfg, tokenizer_vocab_size: int) -> int:
     return pinned or tokenizer_vocab_size
 
 
+@dataclasses.dataclass(frozen=True)
+class LogitInits:
+    scale_init: float  # t′
+    scale_max: float  # t′'s clamp
+    bias_init: float | None  # b; None: no bias
+
+
+PAPER_LOGIT_INITS = {
+    "clip": LogitInits(LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, None),  # Radford et al. 2021: τ = 0.07, ≥ 0.01
+    "siglip": LogitInits(math.log(10.0), math.inf, -10.0),  # Zhai et al. 2023, Algorithm 1
+}
+
+
+def _logit_inits(model_cfg, contrastive: str) -> dict:
+    """The model's logit_scale_init/max and logit_bias_init: the config's where it pins
+    them (a number), else the paper's for the `contrastive` loss."""
+    if contrastive not in PAPER_LOGIT_INITS:
+        raise ConfigError(f"unknown objective.contrastive {contrastive!r}; valid: {list(PAPER_LOGIT_INITS)}")
+    paper = PAPER_LOGIT_INITS[contrastive]
+    bias = model_cfg.get("logit_bias_init")
+    if contrastive == "clip" and bias is not None:
+        raise ConfigError(
+            f"model.logit_bias_init={bias} needs the sigmoid loss (the softmax loss has no bias); "
+            "set --config.objective.contrastive=siglip or drop the model.logit_bias_init override"
+        )
+
+    def pinned_or(key, paper_value):
+        value = model_cfg.get(key)
+        return paper_value if value is None else value
+
+    return dict(
+        logit_scale_init=pinned_or("logit_scale_init", paper.scale_init),
+        logit_scale_max=pinned_or("logit_scale_max", paper.scale_max),
+        logit_bias_init=pinned_or("logit_bias_init", paper.bias_init),
+    )
+
+
 def _training_options(model_cfg) -> dict:
     if model_cfg.remat not in layers.REMAT_CHOICES:
         raise ValueError(f"unknown model.remat {model_cfg.remat!r}; valid: {list(layers.REMAT_CHOICES)}")
@@ -44,8 +96,9 @@ def _training_options(model_cfg) -> dict:
     )
 
 
-def build_model(model_cfg, vocab_size: int, pad_id: int = 0):
-    """Build the module named by `model_cfg.name`; `vocab_size` is the tokenizer's."""
+def build_model(model_cfg, vocab_size: int, pad_id: int = 0, *, contrastive: str):
+    """Build the module named by `model_cfg.name`; `vocab_size` is the tokenizer's and
+    `contrastive` the objective's loss ("clip" | "siglip"), which decides the bias."""
     if model_cfg.name not in MODELS:
         raise ValueError(f"unknown model.name {model_cfg.name!r}; valid: {list(MODELS)}")
     if model_cfg.dtype not in DTYPES:
@@ -63,6 +116,7 @@ def build_model(model_cfg, vocab_size: int, pad_id: int = 0):
         text_heads=t.heads,
         embed_dim=model_cfg.embed_dim,
         pad_id=pad_id,
+        **_logit_inits(model_cfg, contrastive),
         **_training_options(model_cfg),
     )
     if model_cfg.name == "coca":
@@ -77,8 +131,5 @@ def build_model(model_cfg, vocab_size: int, pad_id: int = 0):
         image_pool=model_cfg.image_pool,
         text_pool=model_cfg.text_pool,
         projection_bias=model_cfg.projection_bias,
-        logit_scale_init=model_cfg.logit_scale_init,
-        logit_scale_max=model_cfg.logit_scale_max,
-        logit_bias_init=model_cfg.logit_bias_init,
         **common,
     )

@@ -11,6 +11,9 @@ SigLIP, as big_vision's two_towers B/16 (image_pool="map", text_pool="last"): th
 pooled by a MAP head, the text is bidirectional and pooled at the last position;
 projections ("heads") have a bias; t′ = log 10 and b = −10 are learned, t is not clamped;
 sigmoid loss (config.objective.contrastive = "siglip").
+
+The learned scalars t′ and b are set up by `logit_params`, which CoCa shares; which ones a
+model gets, and their inits, follow the objective (mmjax.models.build_model).
 """
 from __future__ import annotations
 
@@ -25,6 +28,26 @@ from mmjax.models import layers, poolers, text, vit
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
 LOGIT_SCALE_MAX = math.log(100.0)  # clamp: τ ≥ 0.01
 IMAGE_POOLING = ("cls", "map")
+
+
+def logit_params(module):
+    """In `setup`: (t′, b) as scalar parameters "logit_scale" and "logit_bias" from the
+    module's `logit_scale_init` and `logit_bias_init`; b is None when that init is None."""
+
+    def scalar(name, value):
+        return module.param(name, layers.param_init(nn.initializers.constant(value), ()), ())
+
+    scale = scalar("logit_scale", module.logit_scale_init)
+    bias = None if module.logit_bias_init is None else scalar("logit_bias", module.logit_bias_init)
+    return scale, bias
+
+
+def logit_outputs(module) -> dict:
+    """The loss's scalars: t′ clamped at `logit_scale_max`, and b if the module has one."""
+    outputs = {"logit_scale": module.clamped_logit_scale()}
+    if module.logit_bias is not None:
+        outputs["logit_bias"] = module.logit_bias
+    return outputs
 
 
 class CLIP(nn.Module):
@@ -50,7 +73,7 @@ class CLIP(nn.Module):
     text_pool: str = "eot"
     projection_bias: bool = False
     logit_scale_init: float = LOGIT_SCALE_INIT
-    logit_scale_max: float | None = LOGIT_SCALE_MAX  # None: not clamped
+    logit_scale_max: float = LOGIT_SCALE_MAX  # math.inf: not clamped
     logit_bias_init: float | None = None  # SigLIP's b; None: no bias (CLIP)
     pad_id: int = 0
     dtype: layers.Dtype = jnp.float32
@@ -100,13 +123,7 @@ class CLIP(nn.Module):
         self.text_projection = layers.dense(
             self.embed_dim, ("embed", "proj"), self.dtype, "text_proj", self.projection_bias
         )
-        self.logit_scale = self.param(
-            "logit_scale", layers.param_init(nn.initializers.constant(self.logit_scale_init), ()), ()
-        )
-        if self.logit_bias_init is not None:
-            self.logit_bias = self.param(
-                "logit_bias", layers.param_init(nn.initializers.constant(self.logit_bias_init), ()), ()
-            )
+        self.logit_scale, self.logit_bias = logit_params(self)
 
     def encode_image(self, images, train: bool = False):
         """-> (L2-normalised image embedding [B, embed_dim] f32, image tokens [B, N(+1), width])."""
@@ -120,18 +137,9 @@ class CLIP(nn.Module):
         return layers.l2_normalize(self.text_projection(pooled)), features
 
     def clamped_logit_scale(self):
-        if self.logit_scale_max is None:
-            return self.logit_scale
         return jnp.minimum(self.logit_scale, self.logit_scale_max)
 
     def __call__(self, images, tokens, train: bool = False):
         image_embedding, _ = self.encode_image(images, train)
         text_embedding, _ = self.encode_text(tokens)
-        outputs = {
-            "image_embedding": image_embedding,
-            "text_embedding": text_embedding,
-            "logit_scale": self.clamped_logit_scale(),
-        }
-        if self.logit_bias_init is not None:
-            outputs["logit_bias"] = self.logit_bias
-        return outputs
+        return {"image_embedding": image_embedding, "text_embedding": text_embedding, **logit_outputs(self)}

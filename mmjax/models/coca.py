@@ -10,6 +10,9 @@ Both poolers attend to the ViT's output in parallel (our reading of §3.2, "task
 attentional pooling ... n_query = 256 for the generative loss and n_query = 1 for the
 contrastive loss", and of its Figure 2 pseudocode, where both poolers take `img_feature`;
 open_clip calls this arrangement "parallel", as opposed to "cascade").
+
+L_con is CLIP's softmax loss in the paper; with SigLIP's sigmoid loss instead, CoCa also
+learns SigLIP's bias b (`logit_bias_init`, set by mmjax.models.build_model).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models import layers, poolers, text, vit
-from mmjax.models.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
+from mmjax.models.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, logit_outputs, logit_params
 
 
 class CoCa(nn.Module):
@@ -28,7 +31,7 @@ class CoCa(nn.Module):
         "image": ("image_encoder", "contrastive_pooler", "caption_pooler", "image_proj"),
         "text": ("unimodal_decoder", "text_proj"),
         "decoder": ("multimodal_decoder",),
-        "shared": ("logit_scale",),
+        "shared": ("logit_scale", "logit_bias"),
     }
     has_decoder: ClassVar[bool] = True
 
@@ -45,6 +48,9 @@ class CoCa(nn.Module):
     text_heads: int
     embed_dim: int
     caption_queries: int = 256
+    logit_scale_init: float = LOGIT_SCALE_INIT
+    logit_scale_max: float = LOGIT_SCALE_MAX  # math.inf: not clamped
+    logit_bias_init: float | None = None  # SigLIP's b; None: no bias (softmax loss)
     pad_id: int = 0
     dtype: layers.Dtype = jnp.float32
     remat: str = "none"
@@ -91,9 +97,7 @@ class CoCa(nn.Module):
             self.remat,
             self.scan_layers,
         )
-        self.logit_scale = self.param(
-            "logit_scale", layers.param_init(nn.initializers.constant(LOGIT_SCALE_INIT), ()), ()
-        )
+        self.logit_scale, self.logit_bias = logit_params(self)
 
     def encode_image(self, images, train: bool = False):
         """-> (L2-normalised image embedding [B, embed_dim] f32, caption tokens [B, n, width])."""
@@ -117,7 +121,7 @@ class CoCa(nn.Module):
         return self.decode(features, caption_tokens)
 
     def clamped_logit_scale(self):
-        return jnp.minimum(self.logit_scale, LOGIT_SCALE_MAX)
+        return jnp.minimum(self.logit_scale, self.logit_scale_max)
 
     def __call__(self, images, tokens, train: bool = False):
         image_embedding, caption_tokens = self.encode_image(images, train)
@@ -125,6 +129,6 @@ class CoCa(nn.Module):
         return {
             "image_embedding": image_embedding,
             "text_embedding": text_embedding,
-            "logit_scale": self.clamped_logit_scale(),
             "caption_logits": self.decode(features, caption_tokens),
+            **logit_outputs(self),
         }

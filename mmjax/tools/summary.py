@@ -75,7 +75,7 @@ def activation_bytes_per_example(model, config, params) -> int:
 
 def summarize(config) -> dict:
     vocab = model_vocab_size(config.model, config.data.vocab_size)
-    model = build_model(config.model, vocab)
+    model = build_model(config.model, vocab, contrastive=config.objective.contrastive)
     params = abstract_params(model, config)
     per_tower = params_per_tower(model, params)
     forward = flops.forward_flops(config, vocab, train=True)
