@@ -24,12 +24,13 @@ class MetricsWriter:
         self.curves_path = os.path.join(workdir, "curves.png")
 
     def write(self, step: int, values: dict) -> None:
-        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        row = {"step": int(step), **{k: _json_number(v) for k, v in values.items()}}
         self.rows.append(row)
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in values.items():
-            self._tb.add_scalar(key, float(value), int(step))
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        for key, value in row.items():
+            if key != "step" and value is not None:  # TensorBoard has no null: a skipped step is a gap
+                self._tb.add_scalar(key, value, int(step))
         self._tb.flush()
 
     def plot(self) -> None:
@@ -37,6 +38,12 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._tb.close()
+
+
+def _json_number(value) -> float | None:
+    """NaN and ±inf are not JSON: a skipped (non-finite) step logs null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -60,9 +67,10 @@ def plot_curves(rows: list[dict], path: str) -> None:
     rows_n = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*points), marker="." if len(points) < 20 else None)
         ax.set_title(key)
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 20 else None)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
