@@ -121,6 +121,9 @@ def main(argv):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started (later ones save and exit 0)
+        print("interrupted before the first training step; nothing to save", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ exists) -> grain batches -> jitted step -> metrics, evaluation, checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import checkpoint, metrics, optim
+from mmjax import checkpoint, metrics, nonfinite, optim, run_record, validation
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.evaluator import Evaluator
@@ -38,19 +39,16 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def check_config(config, mesh) -> None:
+    """What validation.validate cannot know without the devices."""
     shards = sharding.num_batch_shards(mesh)
     if config.batch_size % shards:
         raise ConfigError(
             f"batch_size {config.batch_size} is not divisible by the {shards} batch shards of the mesh "
             f"{dict(mesh.shape)}; set --config.batch_size to a multiple of {shards}"
         )
-    for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
-        if config[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {config[key]}; set --config.{key}=<positive int>")
 
 
-def build_state(model, tx, config, mesh, rules):
-    """Initialise the train state directly into its shardings; returns (state, shardings)."""
+def _init_fn(model, tx, config):
     d = config.data
     images = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.uint8)
     tokens = jnp.zeros((1, d.text_len - 1), jnp.int32)
@@ -59,10 +57,28 @@ def build_state(model, tx, config, mesh, rules):
         params = model.init(rng, images, tokens)["params"]
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
-    abstract = jax.eval_shape(init, jax.random.key(config.seed))
-    shardings = sharding.logical_to_sharding(abstract, mesh, rules)
-    state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.key(config.seed))
-    return state, shardings
+    return init
+
+
+def _sharded_init(model, tx, config, mesh, rules):
+    """-> (jitted rng -> train state, laid out as the logical rules say; its shardings)."""
+    init = _init_fn(model, tx, config)
+    boxed = jax.eval_shape(init, jax.random.key(config.seed))
+    shardings = sharding.logical_to_sharding(boxed, mesh, rules)
+    return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings), shardings
+
+
+def abstract_state(model, tx, config, mesh, rules):
+    """The train state's shapes, dtypes and shardings, with no array allocated (a restore
+    target): -> (tree of ShapeDtypeStruct carrying their shardings, tree of shardings)."""
+    init, shardings = _sharded_init(model, tx, config, mesh, rules)
+    return jax.eval_shape(init, jax.random.key(config.seed)), shardings
+
+
+def build_state(model, tx, config, mesh, rules):
+    """Initialise the train state directly into its shardings; returns (state, shardings)."""
+    init, shardings = _sharded_init(model, tx, config, mesh, rules)
+    return init(jax.random.key(config.seed)), shardings
 
 
 def locked_mask(model, model_cfg):
@@ -91,30 +107,47 @@ def make_train_step(model, tx, schedule, config, mesh, pad_id):
             return loss, {**components, **scalars}
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-        }
-        logs = {"loss": loss, **aux, "lr": schedule(state["step"]), "grad_norm": optax.tree.norm(grads)}
+        # The non-finite guard: a NaN/inf loss or gradient leaves parameters and optimizer
+        # state as they were (the step counter and the data still move on).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = nonfinite.select_finite(
+            finite,
+            (optax.apply_updates(state["params"], updates), opt_state),
+            (state["params"], state["opt_state"]),
+        )
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        logs = {"loss": loss, **aux, "lr": schedule(state["step"]), "grad_norm": grad_norm, "nonfinite": ~finite}
         return new_state, logs
 
     return train_step
 
 
-class _Preemption:
-    """SIGTERM (a preempted VM, `kill`) asks the loop to checkpoint and exit cleanly."""
+class _Interrupts:
+    """SIGTERM (a preempted VM, `kill`) and a first Ctrl-C ask the loop to checkpoint the
+    current step and exit cleanly. A second Ctrl-C kills the process at once (the OS
+    default for SIGINT, which works even inside a long compile), saving nothing more."""
 
     def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. run() called from a worker): no handler
-            pass
+        self.requested = None  # "SIGTERM" or "SIGINT" once asked
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. run() called from a worker): no handler
+                pass
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            print("\nCtrl-C: saving a checkpoint after this step; press Ctrl-C again to abort without saving",
+                  flush=True)
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,45 +180,94 @@ def build_components(config, tokenizer_path: str, devices=None) -> Components:
     )
 
 
-def run(config, workdir: str) -> dict[str, float]:
-    """Train (resuming from `workdir` if it holds a checkpoint); returns the final evaluation."""
+def run(config, workdir: str) -> dict[str, float] | None:
+    """Train (resuming from `workdir` if it holds a checkpoint); returns the final evaluation
+    (None when interrupted)."""
+    validation.validate(config)  # before any file is written or array allocated
+    mesh = sharding.make_mesh(config.mesh)
+    check_config(config, mesh)
     workdir = prepare_workdir(workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    saved_step = ckpt.latest_step()
+    record = run_record.read(workdir)
+    notes = run_record.check_resume(record, config, saved_step) if saved_step and record else []
+    if saved_step and record is None:
+        notes.append("this workdir has no config.json (an older mmjax wrote it): the config cannot be "
+                     "checked against its checkpoint")
+    print(f"workdir {workdir}: " + (f"checkpoint at step {saved_step}, resuming" if saved_step else "new run"),
+          flush=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    print(f"devices: {_describe_devices(mesh)}", flush=True)
     if config.data.eval.startswith("shapes") and not config.data.train.startswith("shapes"):
         print(f"note: training on {config.data.train} but evaluating on the embedded {config.data.eval}; "
               "point --config.data.eval at your held-out split", flush=True)
-    parts = build_components(config, os.path.join(workdir, "tokenizer.model"))
-    mesh, model, tok = parts.mesh, parts.model, parts.tokenizer
+    parts = build_components(config, os.path.join(workdir, "tokenizer.model"), mesh.devices.flat)
+    model, tok = parts.model, parts.tokenizer
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(parts.rules):
-        state, state_shardings = build_state(model, parts.tx, config, mesh, parts.rules)
-        ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+        shapes, state_shardings = abstract_state(model, parts.tx, config, mesh, parts.rules)
+        print(f"model: {config.model.name}, {_count(shapes['params'])} parameters; "
+              f"batch {config.batch_size}, {config.total_steps} steps", flush=True)
         data_iter = pipeline.train_iterator(config.data, tok, config.batch_size, config.seed)
         data_fingerprint = pipeline.fingerprint(config.data, config.batch_size, config.seed)
-        start_step = ckpt.latest_step() or 0
-        if start_step:
-            state, data_state = ckpt.restore(start_step, state)
-            pipeline.restore_data_state(data_iter, data_state, data_fingerprint)
-            print(f"Resumed from step {start_step} in {workdir}", flush=True)
-        batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
-        train_step = jax.jit(
-            parts.train_step(config),
-            in_shardings=(state_shardings, batch_shardings),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
-        evaluator = Evaluator(model, tok, config.data, config.eval, mesh, state_shardings["params"])
-        writer = metrics.MetricsWriter(workdir, start_step)
-        data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
         try:
+            restored = ckpt.restore_latest(shapes) if saved_step else None
+            if restored:
+                start_step, state, data_state = restored
+                pipeline.restore_data_state(data_iter, data_state, data_fingerprint)
+                print(f"Resumed from step {start_step} in {workdir}", flush=True)
+            else:
+                start_step = 0
+                state, _ = build_state(model, parts.tx, config, mesh, parts.rules)
+            if jax.process_index() == 0:  # after the restore: a record never describes a checkpoint it cannot load
+                run_record.write(workdir, config)
+            batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
+            train_step = jax.jit(
+                parts.train_step(config),
+                in_shardings=(state_shardings, batch_shardings),
+                out_shardings=(state_shardings, sharding.replicated(mesh)),
+                donate_argnums=0,
+            )
+            evaluator = Evaluator(model, tok, config.data, config.eval, mesh, state_shardings["params"])
+            writer = metrics.MetricsWriter(workdir, start_step)
+            data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
             results = _loop(config, state, start_step, train_step, data, batch_shardings, ckpt, evaluator, writer)
-        finally:  # also when bad data stops the run: pending saves land, workers exit
-            data_iter.close()
-            ckpt.close()
+        except BaseException as e:
+            # Shut the data workers and async checkpoint threads down first, so their own
+            # errors do not bury this one. A stop we chose (bad data, divergence) lets
+            # pending saves land; an unexpected error abandons them.
+            _shut_down(data_iter, ckpt, keep_pending_saves=isinstance(e, UserError))
+            raise
+        _shut_down(data_iter, ckpt, keep_pending_saves=True, quiet=False)
         writer.plot()
         writer.close()
     if results is not None:
         print_results(results, evaluator.chance(), evaluator.last_predictions)
     return results
+
+
+def _shut_down(data_iter, ckpt, keep_pending_saves: bool, quiet: bool = True) -> None:
+    """Close the data iterator and the checkpointer; `quiet`: an error is already on its way
+    out, so secondary errors from closing are dropped."""
+    try:
+        data_iter.close()
+        ckpt.close(abandon=not keep_pending_saves)
+    except Exception:
+        if not quiet:
+            raise
+
+
+def _describe_devices(mesh) -> str:
+    kinds = sorted({d.device_kind for d in mesh.devices.flat})
+    axes = " × ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    return (f"{mesh.devices.size} × {'/'.join(kinds)} ({jax.default_backend()}) in "
+            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; mesh {axes}")
+
+
+def _count(params) -> str:
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 @dataclasses.dataclass
@@ -195,8 +277,41 @@ class _Data:
     skips: skips.SkipMonitor
 
 
+def _compile(train_step, state, batch):
+    """Compile the step ahead of its first call, so the console can say how long it took."""
+    print("compiling the train step...", flush=True)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+    return compiled
+
+
+def _save(ckpt, step, state, data) -> None:
+    """A checkpoint never holds non-finite numbers: the guard keeps them out of the state,
+    and this check makes sure (e.g. finite updates that overflowed the parameters)."""
+    if not bool(nonfinite.all_finite((state["params"], state["opt_state"]))):
+        raise RunStopped(
+            f"the parameters at step {step} are not finite; not saving them (the last checkpoint, step "
+            f"{ckpt.latest_step() or 'none'}, is intact); lower --config.optimizer.learning_rate"
+        )
+    ckpt.save(step, state, pipeline.data_state(data.iterator, data.fingerprint))
+
+
 def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer):
-    preemption = _Preemption()
+    interrupts = _Interrupts()
+    try:
+        return _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer, interrupts)
+    finally:
+        interrupts.restore()
+
+
+def _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer, interrupts):
+    guard = nonfinite.NonFiniteMonitor(
+        config.max_nonfinite_steps,
+        f"lower --config.optimizer.learning_rate (now {config.optimizer.learning_rate:g})"
+        + ("" if config.optimizer.grad_clip_norm else ", set --config.optimizer.grad_clip_norm=1")
+        + " or check the data",
+    )
     window_start, window_step = None, step
     # A finished run re-launched: nothing to train, report the final checkpoint again.
     results = evaluator(state["params"]) if step >= config.total_steps else None
@@ -204,26 +319,35 @@ def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluato
         batch = next(data.iterator)
         data.skips.update(batch)
         batch = pipeline.to_global({k: batch[k] for k in batch_shardings}, batch_shardings["image"])
+        if window_start is None:
+            train_step = _compile(train_step, state, batch)
         state, logs = train_step(state, batch)
         step += 1
-        if window_start is None:  # the first step compiles: time from after it
+        guard.push(step, logs["nonfinite"])
+        ckpt.check_for_errors()  # a failed async save stops the run now, not at the next save
+        if window_start is None:  # time from after the first step
             jax.block_until_ready(logs)
             window_start, window_step = time.perf_counter(), step
         if step % config.log_every == 0 or step == config.total_steps:
+            guard.flush()
             logs = jax.device_get(logs)
+            del logs["nonfinite"]
             elapsed = time.perf_counter() - window_start
             rate = (step - window_step) / elapsed if step > window_step else float("nan")
             if rate == rate:  # unknown right after compiling or evaluating
                 logs["examples_per_sec"] = rate * config.batch_size
+            logs["train/skipped_nonfinite"] = guard.total
             logs.update(data.skips.metrics())
             skipped_note = data.skips.end_window()  # stops the run when too much data is bad
+            notes = [n for n in (skipped_note, f"{guard.total} non-finite steps skipped" if guard.total else "") if n]
             writer.write(step, logs)
-            eta = (config.total_steps - step) / rate if rate == rate and rate > 0 else float("nan")
+            speed = (f"  {rate * config.batch_size:.0f} ex/s  ETA {(config.total_steps - step) / rate:.0f}s"
+                     if rate == rate and rate > 0 else "")
             print(
                 f"step {step:6d}/{config.total_steps}  loss {logs['loss']:.4f}  "
                 + "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k.endswith("_loss"))
-                + f"  {rate * config.batch_size:.0f} ex/s  ETA {eta:.0f}s"
-                + (f"  [{skipped_note}]" if skipped_note else ""),
+                + speed
+                + "".join(f"  [{n}]" for n in notes),
                 flush=True,
             )
             window_start, window_step = time.perf_counter(), step
@@ -233,12 +357,15 @@ def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluato
             writer.write(step, {f"eval/{k}": v for k, v in results.items()})
             print(f"eval @ {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
             window_start, window_step = time.perf_counter(), step
-        preempted = preemption.requested or ckpt.reached_preemption(step)
-        if step % config.checkpoint_every == 0 or final or preempted:
-            ckpt.save(step, state, pipeline.data_state(data.iterator, data.fingerprint))
-        if preempted:
-            print(f"Preempted: saved step {step}; re-run the same command to resume.", flush=True)
+        interrupted = interrupts.requested or (ckpt.reached_preemption(step) and "preemption")
+        if step % config.checkpoint_every == 0 or final or interrupted:
+            guard.flush()
+            _save(ckpt, step, state, data)
+        if interrupted:
+            why = "Interrupted (Ctrl-C)" if interrupted == "SIGINT" else "Preempted"
+            print(f"{why}: saved step {step}; re-run the same command to resume.", flush=True)
             return None
+    guard.flush()
     return results
 
 

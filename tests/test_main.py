@@ -91,3 +91,52 @@ def test_main_end_to_end(tmp_path, steps):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert (tmp_path / "curves.png").exists()
+
+
+def start_and_wait_for_training(args):
+    proc = subprocess.Popen([sys.executable, "-m", "mmjax.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and open(metrics).read().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    return proc
+
+
+def losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_ctrl_c_saves_exits_0_and_resumes_exactly(tmp_path):
+    """Ctrl-C is handled like SIGTERM; the resumed run's losses equal an uninterrupted run's."""
+    common = ["--config=configs/coca.py", *TINY, "--config.log_every=1", "--config.eval_every=1000",
+              "--config.checkpoint_every=1000"]
+    interrupted = str(tmp_path / "interrupted")
+    proc = start_and_wait_for_training([*common, f"--workdir={interrupted}", "--config.total_steps=1000"])
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    saved = [int(s) for s in os.listdir(os.path.join(interrupted, "checkpoints")) if s.isdigit()]
+    assert len(saved) == 1 and f"Interrupted (Ctrl-C): saved step {saved[0]}; re-run the same command" in out
+    assert "Traceback" not in out
+    total = f"--config.total_steps={saved[0] + 2}"
+    resumed = mmjax_main(*common, f"--workdir={interrupted}", total)
+    assert f"Resumed from step {saved[0]}" in resumed.stdout, resumed.stdout + resumed.stderr
+    straight = str(tmp_path / "straight")
+    assert mmjax_main(*common, f"--workdir={straight}", total).returncode == 0
+    assert losses(interrupted) == pytest.approx(losses(straight), rel=1e-6)
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    proc = start_and_wait_for_training(["--config=configs/coca.py", f"--workdir={tmp_path}", *TINY,
+                                        "--config.total_steps=1000", "--config.log_every=1"])
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stdout:  # the first Ctrl-C is acknowledged at once...
+        if "press Ctrl-C again to abort without saving" in line:
+            break
+    proc.send_signal(signal.SIGINT)  # ...and the second kills the process before it saves
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT
+    assert not [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
