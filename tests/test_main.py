@@ -64,7 +64,7 @@ def test_unwritable_workdir(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    """Preemption: SIGTERM mid-run -> checkpoint at the current step, exit 0; re-run resumes."""
+    """Preemption: SIGTERM mid-run -> checkpoint at the current step, exit 0."""
     args = ["--config=configs/coca.py", f"--workdir={tmp_path}", *TINY, "--config.total_steps=1000",
             "--config.log_every=1", "--config.eval_every=1000", "--config.checkpoint_every=1000"]
     proc = subprocess.Popen([sys.executable, "-m", "mmjax.main", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -77,9 +77,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, out
     assert "Preempted" in out
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
-    assert len(saved) == 1 and 0 < saved[0] < 1000
-    resumed = mmjax_main(*args[:-4], "--config.total_steps=" + str(saved[0] + 1), "--config.log_every=1")
-    assert f"Resumed from step {saved[0]}" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert len(saved) == 1 and 0 < saved[0] < 1000  # (exact resume after it: the Ctrl-C test below)
 
 
 @pytest.mark.parametrize("steps", [2])
@@ -140,3 +138,23 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGINT
     assert not [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+
+
+def test_an_unexpected_error_ends_with_its_root_cause(tmp_path):
+    """Async checkpoint threads are shut down before the traceback, so nothing buries it."""
+    script = (
+        "import sys; from absl import app; from mmjax import main\n"
+        "from mmjax.evals import evaluator\n"
+        "def fail(self, params): raise RuntimeError('boom: the root cause')\n"
+        "evaluator.Evaluator.__call__ = fail\n"
+        "app.run(main.main, argv=sys.argv, flags_parser=main.parse_flags)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--config=configs/coca.py", f"--workdir={tmp_path}", *TINY,
+         "--config.total_steps=4", "--config.checkpoint_every=1", "--config.eval_every=2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "RuntimeError: boom: the root cause", result.stderr[-3000:]
+    assert "Event loop is closed" not in result.stderr and "During handling" not in result.stderr

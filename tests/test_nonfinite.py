@@ -72,25 +72,19 @@ def strict_rows(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
-    config = tiny_train_config(total_steps=4, log_every=1, eval_every=4, checkpoint_every=4)
-    run_with_nan_at(monkeypatch, {3}, config, tmp_path)
-    rows = [r for r in strict_rows(tmp_path / "metrics.jsonl") if "loss" in r]
-    assert [r["loss"] is None for r in rows] == [False, False, True, False]  # NaN is logged as null
-    assert [r["train/skipped_nonfinite"] for r in rows] == [0, 0, 1, 1]
-
-
-def test_k_nan_steps_in_a_row_stop_the_run_with_finite_checkpoints(tmp_path, monkeypatch):
+def test_nan_steps_are_skipped_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch):
     config = tiny_train_config(total_steps=12, log_every=1, eval_every=100, checkpoint_every=2,
                                max_nonfinite_steps=3)
-    with pytest.raises(RunStopped, match=r"steps 4-6: loss or gradient norm not finite 3 times in a row"):
-        run_with_nan_at(monkeypatch, {4, 5, 6, 7, 8}, config, tmp_path)
+    with pytest.raises(RunStopped, match=r"steps 6-8: loss or gradient norm not finite 3 times in a row"):
+        run_with_nan_at(monkeypatch, {3, 6, 7, 8, 9}, config, tmp_path)
+    rows = [r for r in strict_rows(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] is None for r in rows] == [False, False, True, False, False, True, True]  # NaN -> null
+    assert [r["train/skipped_nonfinite"] for r in rows] == [0, 0, 1, 1, 1, 2, 3]
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 5)
-    assert ckpt.latest_step() == 4  # step 6 was not saved: the guard stopped the run first
-    strict_rows(tmp_path / "metrics.jsonl")
+    assert ckpt.latest_step() == 6  # step 8 was not saved: the guard stopped the run first
     with jax.set_mesh(sharding.make_mesh(config.mesh)):
         parts = train.build_components(config, str(tmp_path / "tokenizer.model"))
         shapes, _ = train.abstract_state(parts.model, parts.tx, config, parts.mesh, parts.rules)
         step, state, _ = ckpt.restore_latest(shapes)
     ckpt.close()
-    assert step == 4 and bool(nonfinite.all_finite(state))
+    assert step == 6 and bool(nonfinite.all_finite(state))
