@@ -188,6 +188,20 @@ def run(config, workdir: str) -> dict[str, float] | None:
     check_config(config, mesh)
     workdir = prepare_workdir(workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    opened = []  # the data iterator, once there is one
+    try:
+        results = _run(config, workdir, mesh, ckpt, opened)
+    except BaseException as e:
+        # Shut the data workers and async checkpoint threads down first, so their own errors
+        # do not bury this one. A stop we chose (bad data, divergence, a failed save) lets
+        # pending saves land; an unexpected error abandons them.
+        _shut_down(opened, ckpt, keep_pending_saves=isinstance(e, UserError), quiet=True)
+        raise
+    _shut_down(opened, ckpt, keep_pending_saves=True, quiet=False)
+    return results
+
+
+def _run(config, workdir, mesh, ckpt, opened):
     saved_step = ckpt.latest_step()
     record = run_record.read(workdir)
     notes = run_record.check_resume(record, config, saved_step) if saved_step and record else []
@@ -210,52 +224,49 @@ def run(config, workdir: str) -> dict[str, float] | None:
         print(f"model: {config.model.name}, {_count(shapes['params'])} parameters; "
               f"batch {config.batch_size}, {config.total_steps} steps", flush=True)
         data_iter = pipeline.train_iterator(config.data, tok, config.batch_size, config.seed)
+        opened.append(data_iter)
         data_fingerprint = pipeline.fingerprint(config.data, config.batch_size, config.seed)
+        restored = ckpt.restore_latest(shapes) if saved_step else None
+        if restored:
+            start_step, state, data_state = restored
+            pipeline.restore_data_state(data_iter, data_state, data_fingerprint)
+            print(f"Resumed from step {start_step} in {workdir}", flush=True)
+        else:
+            start_step = 0
+            state, _ = build_state(model, parts.tx, config, mesh, parts.rules)
+        if jax.process_index() == 0:  # after the restore: a record never describes a checkpoint it cannot load
+            run_record.write(workdir, config)
+        batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
+        train_step = jax.jit(
+            parts.train_step(config),
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        evaluator = Evaluator(model, tok, config.data, config.eval, mesh, state_shardings["params"])
+        writer = metrics.MetricsWriter(workdir, start_step)
+        data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
         try:
-            restored = ckpt.restore_latest(shapes) if saved_step else None
-            if restored:
-                start_step, state, data_state = restored
-                pipeline.restore_data_state(data_iter, data_state, data_fingerprint)
-                print(f"Resumed from step {start_step} in {workdir}", flush=True)
-            else:
-                start_step = 0
-                state, _ = build_state(model, parts.tx, config, mesh, parts.rules)
-            if jax.process_index() == 0:  # after the restore: a record never describes a checkpoint it cannot load
-                run_record.write(workdir, config)
-            batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
-            train_step = jax.jit(
-                parts.train_step(config),
-                in_shardings=(state_shardings, batch_shardings),
-                out_shardings=(state_shardings, sharding.replicated(mesh)),
-                donate_argnums=0,
-            )
-            evaluator = Evaluator(model, tok, config.data, config.eval, mesh, state_shardings["params"])
-            writer = metrics.MetricsWriter(workdir, start_step)
-            data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
             results = _loop(config, state, start_step, train_step, data, batch_shardings, ckpt, evaluator, writer)
-        except BaseException as e:
-            # Shut the data workers and async checkpoint threads down first, so their own
-            # errors do not bury this one. A stop we chose (bad data, divergence) lets
-            # pending saves land; an unexpected error abandons them.
-            _shut_down(data_iter, ckpt, keep_pending_saves=isinstance(e, UserError))
-            raise
-        _shut_down(data_iter, ckpt, keep_pending_saves=True, quiet=False)
-        writer.plot()
-        writer.close()
+        finally:
+            writer.plot()  # also when the run stopped itself: the curves show why
+            writer.close()
     if results is not None:
         print_results(results, evaluator.chance(), evaluator.last_predictions)
     return results
 
 
-def _shut_down(data_iter, ckpt, keep_pending_saves: bool, quiet: bool = True) -> None:
-    """Close the data iterator and the checkpointer; `quiet`: an error is already on its way
-    out, so secondary errors from closing are dropped."""
-    try:
-        data_iter.close()
-        ckpt.close(abandon=not keep_pending_saves)
-    except Exception:
-        if not quiet:
-            raise
+def _shut_down(opened, ckpt, keep_pending_saves: bool, quiet: bool) -> None:
+    """Close the data iterator and the checkpointer (pending saves land unless abandoned).
+    `quiet`: an error is already on its way out, so errors from closing are dropped."""
+    errors = []
+    for close in [it.close for it in opened] + [lambda: ckpt.close(abandon=not keep_pending_saves)]:
+        try:
+            close()
+        except Exception as e:
+            errors.append(e)
+    if errors and not quiet:
+        raise errors[0]
 
 
 def _describe_devices(mesh) -> str:

@@ -1,6 +1,7 @@
 """The trainer on real files through the command line: CSV, webdataset and tfds sources,
 exact resume after SIGKILL, bad records counted, mostly-bad data stopped, one-line errors."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -102,13 +103,13 @@ def test_sigkill_then_rerun_continues_exactly(data, source, workers, tmp_path):
 
     workdir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "mmjax.main", *args, f"--workdir={workdir}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (
         (workdir / "checkpoints" / "3").is_dir() and any(r["step"] >= 4 for r in _safe_rows(workdir))
     ):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # a crashed machine: the data workers die with the trainer
     proc.wait(timeout=60)
     resumed = mmjax_main(*args, f"--workdir={workdir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -18,6 +18,7 @@ import copy
 import functools
 import json
 import math
+import signal
 import zlib
 
 import grain
@@ -185,10 +186,20 @@ def train_dataset(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_siz
     ds = skips.SkipCountingIterDataset(ds)
     ds = ds.batch(global_batch_size // n, drop_remainder=True)
     if data_cfg.worker_count > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=data_cfg.worker_count),
+            worker_init_fn=_leave_first_ctrl_c_to_the_trainer,
+        )
     if data_cfg.prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_cfg.prefetch)
     return ds
+
+
+def _leave_first_ctrl_c_to_the_trainer(worker_index: int, worker_count: int) -> None:
+    """A terminal's Ctrl-C reaches every process of the group, workers included. The first
+    one is the trainer's (it saves, then closes the workers); a second one ends a worker as it
+    ends the trainer."""
+    signal.signal(signal.SIGINT, lambda signum, frame: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def train_iterator(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_size: int,
