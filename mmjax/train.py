@@ -186,6 +186,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
     validation.validate(config)  # before any file is written or array allocated
     mesh = sharding.make_mesh(config.mesh)
     check_config(config, mesh)
+    pipeline.check_sources(config.data)
     workdir = prepare_workdir(workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     opened = []  # the data iterator, once there is one

@@ -154,6 +154,7 @@ def test_mostly_bad_data_stops_with_a_clear_error(data, tmp_path):
     ("--config.data.train=csv:TABLE", ["no field", "--config.data.image_key"]),
     ("--config.data.train=tfds:coco_captions", ["not prepared", "download_and_prepare", "--config.data.tfds_data_dir"]),
     ("--config.data.tokenizer=/nowhere/spm.model", ["/nowhere/spm.model", "--config.data.tokenizer"]),
+    ("--config.data.eval=wds:/nowhere/{0..3}.tar", ["matches no file", "/nowhere/"]),
 ])
 def test_bad_data_input_is_one_line(override, expected, tmp_path):
     table = tmp_path / "bad.csv"
@@ -164,3 +165,4 @@ def test_bad_data_input_is_one_line(override, expected, tmp_path):
                                         f"--config.data.tfds_data_dir={empty_tfds}"))
     for text in expected:
         assert text in line, line
+    assert not (tmp_path / "run").exists()  # found before anything was written

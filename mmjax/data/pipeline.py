@@ -122,6 +122,14 @@ class _PrivateStateIterator(grain.DatasetIterator):
         self._parent.set_state(copy.deepcopy(state))
 
 
+def check_sources(data_cfg) -> None:
+    """Open every training and evaluation source once, so that a missing path or an unknown
+    dataset stops the run (one line) before anything is written or built."""
+    for spec, _ in sources.parse_mixture(data_cfg.train):
+        sources.open_source(spec, data_cfg)
+    sources.open_source(data_cfg.eval, data_cfg)
+
+
 def raw_records(spec: str, data_cfg, seed: int) -> grain.IterDataset:
     """This process's endless share of the raw records of `spec` (one source or a mixture)."""
     mixture = sources.parse_mixture(spec)
