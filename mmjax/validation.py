@@ -344,12 +344,9 @@ def something_to_train(config) -> None:
 
 
 def bias_needs_sigmoid(config) -> None:
-    bias, loss = _get(config, "model.logit_bias_init"), _get(config, "objective.contrastive")
-    if bias is not None and loss == "clip":
-        raise ConfigError(
-            f"model.logit_bias_init={bias} needs objective.contrastive='siglip', but it is {loss!r} (a softmax "
-            "loss has no bias); set --config.objective.contrastive=siglip or leave model.logit_bias_init unset"
-        )
+    """The model's own rule (mmjax.models.logit_inits), checked before any work."""
+    if _get(config, "objective.contrastive") in contrastive.KINDS:  # an unknown loss is its rule's to name
+        models.logit_inits(config.model, config.objective.contrastive)
 
 
 def pinned_vocab_fits(config) -> None:

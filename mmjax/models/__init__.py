@@ -57,7 +57,7 @@ PAPER_LOGIT_INITS = {
 }
 
 
-def _logit_inits(model_cfg, contrastive: str) -> dict:
+def logit_inits(model_cfg, contrastive: str) -> dict:
     """The model's logit_scale_init/max and logit_bias_init: the config's where it pins
     them (a number), else the paper's for the `contrastive` loss."""
     if contrastive not in PAPER_LOGIT_INITS:
@@ -66,8 +66,8 @@ def _logit_inits(model_cfg, contrastive: str) -> dict:
     bias = model_cfg.get("logit_bias_init")
     if contrastive == "clip" and bias is not None:
         raise ConfigError(
-            f"model.logit_bias_init={bias} needs the sigmoid loss (the softmax loss has no bias); "
-            "set --config.objective.contrastive=siglip or drop the model.logit_bias_init override"
+            f"model.logit_bias_init={bias} needs objective.contrastive='siglip', but it is {contrastive!r} (a softmax "
+            "loss has no bias); set --config.objective.contrastive=siglip or leave model.logit_bias_init unset"
         )
 
     def pinned_or(key, paper_value):
@@ -116,7 +116,7 @@ def build_model(model_cfg, vocab_size: int, pad_id: int = 0, *, contrastive: str
         text_heads=t.heads,
         embed_dim=model_cfg.embed_dim,
         pad_id=pad_id,
-        **_logit_inits(model_cfg, contrastive),
+        **logit_inits(model_cfg, contrastive),
         **_training_options(model_cfg),
     )
     if model_cfg.name == "coca":
