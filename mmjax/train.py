@@ -145,7 +145,10 @@ class _Interrupts:
                   flush=True)
         self.requested = signal.Signals(signum).name
 
-    def restore(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -310,11 +313,8 @@ def _save(ckpt, step, state, data) -> None:
 
 
 def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer):
-    interrupts = _Interrupts()
-    try:
+    with _Interrupts() as interrupts:
         return _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer, interrupts)
-    finally:
-        interrupts.restore()
 
 
 def _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer, interrupts):
