@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import tensorboardX
 
@@ -53,36 +54,92 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+_NOT_PLOTTED = ("step", "examples_per_sec")
+_SECOND_AXIS_ABOVE = 1.5  # an evaluator's metric whose values exceed this goes on a right-hand axis
+
+
+def panels(keys) -> list[tuple[str, list[str]]]:
+    """The layout of curves.png: (title, keys) per panel, in order.
+
+    Training keys get a panel each, `loss` first, then the other losses, then the rest
+    alphabetically; `step` and `examples_per_sec` are not plotted. Then evaluation keys in
+    the order given: `eval/<evaluator>/<metric>` keys share ONE panel per evaluator, titled
+    with its name; an older run's two-part `eval/<metric>` gets a panel of its own.
+    """
+    keys = [k for k in dict.fromkeys(keys) if k not in _NOT_PLOTTED]
+    training = sorted((k for k in keys if not k.startswith("eval/")),
+                      key=lambda k: (k != "loss", "loss" not in k, k))
+    layout = [(k, [k]) for k in training]
+    groups: dict[str, list[str]] = {}
+    for key in (k for k in keys if k.startswith("eval/")):
+        parts = key.split("/", 2)
+        if len(parts) < 3 or not parts[1] or not parts[2]:
+            layout.append((key, [key]))
+        elif parts[1] in groups:
+            groups[parts[1]].append(key)
+        else:
+            groups[parts[1]] = [key]
+            layout.append((parts[1], groups[parts[1]]))
+    return layout
+
+
 def plot_curves(rows: list[dict], path: str) -> None:
-    """One panel per metric: training losses first, then evaluation results."""
+    """One panel per training metric, then one per evaluator (see `panels`).
+
+    An evaluator's panel has a line per metric and a legend. Metrics on a larger scale than
+    the rest of their panel (any value above 1.5, e.g. CIDEr, next to recalls and accuracies
+    in [0, 1]) are drawn dashed against a second y-axis on the right, so neither flattens the
+    other; a panel whose metrics are all on one scale has a single axis. Written atomically
+    (a temp file, then os.replace).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on training machines
     import matplotlib.pyplot as plt
 
-    keys = [k for k in _ordered_keys(rows) if k not in ("step", "examples_per_sec")]
-    if not keys:
+    layout = panels(_ordered_keys(rows))
+    if not layout:
         return
-    cols = min(4, len(keys))
-    rows_n = math.ceil(len(keys) / cols)
+    cols = min(4, len(layout))
+    rows_n = math.ceil(len(layout) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        ax.set_title(key)
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 20 else None)
+    for ax, (title, keys) in zip(axes.flat, layout):
+        ax.set_title(title)
+        series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+        large = {k for k, pts in series.items() if pts and max(abs(v) for _, v in pts) > _SECOND_AXIS_ABOVE}
+        evaluator = title not in keys  # an evaluator's panel: its metrics, named in a legend
+        right = ax.twinx() if large and len(large) < len(keys) else None
+        lines = []
+        for i, (key, points) in enumerate(series.items()):
+            label = key.split("/", 2)[2] if evaluator else key
+            target, style = (right, "--") if right is not None and key in large else (ax, "-")
+            if right is not None and key in large:
+                label += " (right axis)"
+            xs, ys = zip(*points) if points else ((), ())
+            lines += target.plot(xs, ys, style, color=f"C{i}", label=label,
+                                 marker="." if len(points) < 20 else None)
+        if evaluator:
+            ax.legend(handles=lines, fontsize="small")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(layout):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".curves.", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _ordered_keys(rows):
+    """Every key of `rows`, in the order they first appear."""
     seen = {}
     for r in rows:
         for k in r:
             seen.setdefault(k, None)
-    return sorted(seen, key=lambda k: (k.startswith("eval/"), k))
+    return list(seen)
