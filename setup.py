@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["mmjax", "mmjax.*"]),
+    package_data={"mmjax.evals": ["data/*.txt"]},  # class names and prompt templates
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
