@@ -48,6 +48,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         embed=128, patch=4, vision_width=128, vision_depth=3, vision_heads=2, text_width=128, text_heads=2, text_depth=3
     )
     c.objective.caption_weight = 0.0  # contrastive only
+    del c.evals.captioning  # no decoder
     if variant:
         open_clip_variant(c, OPEN_CLIP_SIZES[variant])
     return c

@@ -39,6 +39,7 @@ pod, not a laptop.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mmjax import evals
 from mmjax.data.pipeline import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, default_data_config
 
 VARIANTS = ("", "base", "large", "giant")
@@ -139,7 +140,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     ]
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 256
+    c.eval.batch_size = 256  # every evaluator's batch
+    # Evaluators (mmjax.evals): zero-shot, retrieval and captioning on data.eval, every eval_every
+    # steps and at the end. Add benchmarks as entries, e.g. in a config file:
+    #   c.evals.cifar10 = evals.entry("zeroshot", data="tfds:cifar10:test", class_names="cifar10", templates="cifar")
+    c.evals = evals.embedded_entries(has_decoder=True)
     if variant:
         paper_variant(c, PAPER_SIZES[variant])
     return c

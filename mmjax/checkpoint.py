@@ -33,7 +33,9 @@ _MISMATCH = ("not compatible with the stored shape", "tree structures do not mat
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
+        """read_only: for tools reading a run's checkpoints, maybe while it trains: nothing is
+        written, and the run's in-flight tmp step is left alone."""
         self._directory = os.path.abspath(directory)
         self._aside = f"{self._directory}_unreadable"  # where unreadable steps go: orbax never looks there
         self._quiet = orbax_console.QuietOrbax()
@@ -48,7 +50,8 @@ class Checkpointer:
                     enable_async_checkpointing=async_save,
                     # A crash can leave a half-written tmp step directory behind; orbax ignores it
                     # for latest_step() and removes it at the next start.
-                    cleanup_tmp_directories=True,
+                    cleanup_tmp_directories=not read_only,
+                    read_only=read_only,
                 ),
             )
 
@@ -92,6 +95,30 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         )
         return restored["state"], restored["data"]
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore_params(self, step: int, abstract_params):
+        """Only the parameters of `step`, onto `abstract_params`' shapes and shardings: the
+        optimizer state (twice the parameters' size with Adam) is never read.
+        UserError, in one line, when the step is unreadable or the model does not fit it."""
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), {"params": abstract_params}
+        )
+        step_dir = os.path.join(self._directory, str(step), "state")
+        try:
+            with self._quiet.muted():
+                restored = ocp.PyTreeCheckpointer().restore(step_dir, args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True))
+        except Exception as e:
+            reason = orbax_console.one_line(e)
+            if any(phrase in str(e) for phrase in _MISMATCH):
+                raise UserError(f"checkpoint step {step} in {self._directory} does not fit the model its workdir's "
+                                f"config.json describes ({reason}); was config.json edited?") from None
+            raise UserError(f"checkpoint step {step} in {self._directory} cannot be read ({reason})") from None
+        return restored["params"]
 
     def restore_latest(self, abstract_state):
         """Restore the newest readable step -> (step, state, data_state); None if there is none.

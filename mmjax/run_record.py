@@ -1,5 +1,9 @@
 """The run record: what a workdir says about the run that made it, and the check at resume.
 
+A workdir holds `config.json` and `tokenizer.model` (the SentencePiece model the run
+tokenized with, trained or given): with a checkpoint, that is all `load` needs to rebuild
+the exact model (mmjax.evaluate, mmjax.predict).
+
 Format: `workdir/config.json` is the resolved config (`config.to_dict()`) as one JSON
 object, indented by 2 spaces, keys sorted at every level, nesting as in the config
 (`{"model": {"vision": {"width": 128, ...}, ...}, ...}`). Values are plain JSON: tuples
@@ -18,9 +22,10 @@ import fnmatch
 import json
 import os
 
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, UserError
 
 FILENAME = "config.json"
+TOKENIZER = "tokenizer.model"
 
 # Keys whose change a checkpoint survives: it restores as saved and the run continues with
 # the new value. Every other key (model shapes and structure, the training data, its order
@@ -32,7 +37,7 @@ RESUMABLE = (
     "total_steps",  # at or below the checkpoint's step: nothing left to train (a note, not an error)
     # evaluation; data settings that leave the training examples' order alone (decoder and
     # max_image_pixels only change how an image decodes, or whether an oversized one is skipped)
-    "eval.*", "data.eval", "data.num_eval", "data.prefetch", "data.max_bad_fraction",
+    "eval.*", "evals.*", "data.eval", "data.num_eval", "data.prefetch", "data.max_bad_fraction",
     "data.tfds_data_dir", "data.max_image_pixels", "data.decoder",
     "mesh.*",  # the checkpoint is resharded onto the new mesh
     # optimizer hyper-parameters: the optimizer state keeps its structure
@@ -65,21 +70,53 @@ def as_record(config) -> dict:
     return json.loads(json.dumps(config.to_dict()))
 
 
-def write(workdir: str, config) -> None:
-    """Write the record through a temporary file renamed over it: a crash leaves the old
-    record or the new one, never half a file."""
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    tmp = f"{path(workdir)}.{os.getpid()}.tmp"
+def write(workdir: str, config, tokenizer=None) -> None:
+    """Write the record (and the tokenizer's model, when given) through temporary files
+    renamed over the old ones: a crash leaves the old file or the new one, never half a file."""
+    _write_atomic(path(workdir), (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+    if tokenizer is not None:
+        tokenizer_path = os.path.join(workdir, TOKENIZER)
+        if not os.path.exists(tokenizer_path) or _read_bytes(tokenizer_path) != tokenizer.proto:
+            _write_atomic(tokenizer_path, tokenizer.proto)
+
+
+def _read_bytes(file: str) -> bytes:
+    with open(file, "rb") as f:
+        return f.read()
+
+
+def _write_atomic(target: str, data: bytes) -> None:
+    tmp = f"{target}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path(workdir))
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def load(workdir: str):
+    """-> (config as a ConfigDict, Tokenizer): what a later command needs to rebuild the run's
+    model. UserError, naming what is missing, when the workdir lacks either."""
+    import ml_collections
+
+    from mmjax.data import tokenizer as tokenizer_lib
+
+    if not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
+    record = read(workdir)
+    if record is None:
+        raise UserError(f"{path(workdir)} not found: {workdir} is not a training run's workdir (the trainer writes "
+                        "config.json when it starts); pass the --workdir of a run")
+    tokenizer_path = os.path.join(workdir, TOKENIZER)
+    if not os.path.exists(tokenizer_path):
+        raise UserError(f"{tokenizer_path} not found: the run's tokenizer is missing; copy the SentencePiece model "
+                        f"it trained with (data.tokenizer={record.get('data', {}).get('tokenizer')!r}) there")
+    return ml_collections.ConfigDict(record), tokenizer_lib.load(tokenizer_path)
 
 
 def read(workdir: str) -> dict | None:

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import checkpoint, metrics, nonfinite, optim, run_record, validation
+from mmjax import checkpoint, evals, inference, metrics, nonfinite, optim, run_record, validation
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
-from mmjax.evals.evaluator import Evaluator
-from mmjax.models import build_model, towers
+from mmjax.evals.predictor import Predictor
+from mmjax.models import towers
 from mmjax.objectives import multimodal
 from mmjax.parallel import sharding
 
@@ -172,7 +172,7 @@ def build_components(config, tokenizer_path: str, devices=None) -> Components:
     mesh = sharding.make_mesh(config.mesh, devices)
     check_config(config, mesh)
     tok = pipeline.make_tokenizer(config.data, tokenizer_path)
-    model = build_model(config.model, tok.vocab_size, tok.pad_id, contrastive=config.objective.contrastive)
+    model = inference.model_for(config, tok)
     return Components(
         mesh=mesh,
         rules=sharding.rules_from_config(config.mesh),
@@ -239,7 +239,7 @@ def _run(config, workdir, mesh, ckpt, opened):
             start_step = 0
             state, _ = build_state(model, parts.tx, config, mesh, parts.rules)
         if jax.process_index() == 0:  # after the restore: a record never describes a checkpoint it cannot load
-            run_record.write(workdir, config)
+            run_record.write(workdir, config, tok)
         batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
         train_step = jax.jit(
             parts.train_step(config),
@@ -247,7 +247,7 @@ def _run(config, workdir, mesh, ckpt, opened):
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0,
         )
-        evaluator = Evaluator(model, tok, config.data, config.eval, mesh, state_shardings["params"])
+        evaluator = _Evaluation(config, model, tok, mesh, state_shardings["params"], workdir)
         writer = metrics.MetricsWriter(workdir, start_step)
         data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
         try:
@@ -256,8 +256,25 @@ def _run(config, workdir, mesh, ckpt, opened):
             writer.plot()  # also when the run stopped itself: the curves show why
             writer.close()
     if results is not None:
-        print_results(results, evaluator.chance(), evaluator.last_predictions)
+        print_results(results, evals.chance(evaluator.scheduled), evals.samples(evaluator.scheduled))
     return results
+
+
+class _Evaluation:
+    """config.evals on the model being trained: the evaluators due at a step, run on the
+    current parameters; pictures go to the workdir."""
+
+    def __init__(self, config, model, tokenizer, mesh, param_shardings, workdir):
+        self.scheduled = evals.build(config, model.has_decoder, log=lambda note: print(note, flush=True))
+        self.predictor = Predictor(model, tokenizer, config.data.text_len, mesh, param_shardings,
+                                   config.eval.batch_size)
+        self.workdir = workdir
+
+    def due(self, step: int, final: bool) -> bool:
+        return any(s.due(step, final) for s in self.scheduled)
+
+    def __call__(self, params, step: int, final: bool) -> dict[str, float]:
+        return evals.run(self.scheduled, self.predictor.bind(params), step, final, self.workdir)
 
 
 def _shut_down(opened, ckpt, keep_pending_saves: bool, quiet: bool) -> None:
@@ -326,7 +343,7 @@ def _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluat
     )
     window_start, window_step = None, step
     # A finished run re-launched: nothing to train, report the final checkpoint again.
-    results = evaluator(state["params"]) if step >= config.total_steps else None
+    results = evaluator(state["params"], step, final=True) if step >= config.total_steps else None
     while step < config.total_steps:
         batch = next(data.iterator)
         data.skips.update(batch)
@@ -364,10 +381,11 @@ def _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluat
             )
             window_start, window_step = time.perf_counter(), step
         final = step == config.total_steps
-        if step % config.eval_every == 0 or final:
-            results = evaluator(state["params"])
-            writer.write(step, {f"eval/{k}": v for k, v in results.items()})
-            print(f"eval @ {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
+        if evaluator.due(step, final):
+            results = evaluator(state["params"], step, final)
+            writer.write(step, results)
+            print(f"eval @ {step}: " + "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in results.items()),
+                  flush=True)
             window_start, window_step = time.perf_counter(), step
         interrupted = interrupts.requested or (ckpt.reached_preemption(step) and "preemption")
         if step % config.checkpoint_every == 0 or final or interrupted:
@@ -381,13 +399,10 @@ def _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluat
     return results
 
 
-def print_results(results: dict, chance: dict, predictions) -> None:
+def print_results(results: dict, chance: dict, samples) -> None:
     print("\nFinal held-out results")
-    print(f"  {'metric':<24}{'value':>8}{'chance':>9}")
-    for key, value in results.items():
-        ch = f"{chance[key]:.3f}" if key in chance else "-"
-        print(f"  {key:<24}{value:>8.3f}{ch:>9}")
-    if predictions:  # a captioner's (CoCa); two-tower models make none
-        print("\nSample captions (reference -> greedy):")
-    for ref, pred in predictions[:5]:
+    print(evals.table(results, chance))
+    if samples:  # a captioner's (CoCa); two-tower models make none
+        print("\nSample captions (reference -> generated):")
+    for ref, pred in samples[:5]:
         print(f"  {ref!r:<32} -> {pred!r}")

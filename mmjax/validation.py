@@ -9,6 +9,7 @@ without a rule passes (tests/test_validation.py gives every shipped key one).
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from typing import Any, Callable, Iterator
@@ -186,6 +187,27 @@ def decoder(key, value) -> None:
         )
 
 
+def integers(minimum: int) -> Check:
+    """A non-empty tuple of integers, each at least `minimum`."""
+
+    def check(key, value):
+        valid = isinstance(value, (tuple, list)) and value and all(_is_int(x) and x >= minimum for x in value)
+        _require(valid, key, value, f"a tuple of integers at least {minimum}", "e.g. '(1, 5, 10)'")
+
+    return check
+
+
+def optional_source(key, value) -> None:
+    """"" (the evaluator's documented default) or one source spec."""
+    string(key, value)
+    if value:
+        source(mixture=False)(key, value)
+
+
+def checked_with_its_entry(key, value) -> None:
+    """An evaluator's option: its type's OPTION_RULES check it in `evaluator_entries`."""
+
+
 POSITIVE = integer(1)
 PAPER_INIT = "the paper's value for objective.contrastive"
 
@@ -264,7 +286,22 @@ RULES: dict[str, Check] = {
     # mesh
     **{f"mesh.{axis}": mesh_size for axis in sharding.MESH_AXES},
     "mesh.rules": mesh_rules,
+    # evaluators (mmjax.evals): any name, one entry each
+    "evals.*.type": string,
+    "evals.*.data": optional_source,
+    "evals.*.every": integer(0),  # 0: eval_every
+    "evals.*.limit": integer(0),  # 0: the whole split (data.num_eval for data.eval)
+    "evals.*.prefix": string,
+    "evals.*.options.*": checked_with_its_entry,
 }
+
+
+def rule_for(key: str) -> Check | None:
+    """The rule of a dotted key: its own, or a pattern's ("evals.*.type")."""
+    if key in RULES:
+        return RULES[key]
+    return next((check for pattern, check in RULES.items() if "*" in pattern and fnmatch.fnmatchcase(key, pattern)),
+                None)
 
 
 # --- checks of values together ----------------------------------------------------------
@@ -359,6 +396,33 @@ def pinned_vocab_fits(config) -> None:
         )
 
 
+def evaluator_entries(config) -> None:
+    """Each config.evals entry: a known type, exactly the entry fields, and its type's options."""
+    from mmjax import evals
+
+    for name, entry in (_get(config, "evals") or {}).items():
+        where = f"evals.{name}"
+        if not hasattr(entry, "items"):
+            raise ConfigError(f"{where} must be an entry (mmjax.evals.entry(TYPE, ...)), got {entry!r}")
+        fields = set(entry.keys())
+        if fields != set(evals.ENTRY_FIELDS):
+            raise ConfigError(f"{where} has fields {sorted(fields)}; an entry has exactly {list(evals.ENTRY_FIELDS)}: "
+                              "build it with mmjax.evals.entry(TYPE, ...)")
+        one_of(evals.TYPES)(f"{where}.type", entry.type)
+        model_class = models.MODEL_CLASSES.get(_get(config, "model.name"))
+        if entry.type == "captioning" and model_class is not None and not model_class.has_decoder:
+            raise ConfigError(f"{where}.type='captioning' needs a caption decoder but model.name={config.model.name!r} "
+                              f"has no decoder; remove {where} from config.evals")
+        module = evals.module(entry.type)
+        options = entry.options if hasattr(entry.options, "items") else {}
+        unknown = sorted(set(options) - set(module.OPTIONS))
+        if unknown:
+            raise ConfigError(f"{where}.options has no {', '.join(unknown)}; a {entry.type} evaluator's options: "
+                              f"{', '.join(module.OPTIONS)}")
+        for option, value in options.items():
+            module.OPTION_RULES[option](f"{where}.options.{option}", value)
+
+
 def embedded_sources_open(config) -> None:
     """shapes: specs are generated, not read: opening one is free and checks its split and image size."""
     for key in ("data.train", "data.eval"):
@@ -382,6 +446,7 @@ COMBINATIONS: tuple[Callable[[Any], None], ...] = (
     something_to_train,
     bias_needs_sigmoid,
     pinned_vocab_fits,
+    evaluator_entries,
     embedded_sources_open,
 )
 
@@ -389,7 +454,7 @@ COMBINATIONS: tuple[Callable[[Any], None], ...] = (
 def validate_section(section, prefix: str = "") -> None:
     """The per-key rules for the values under `section` (e.g. config.data with prefix "data.")."""
     for key, value in leaves(section, prefix):
-        check = RULES.get(key)
+        check = rule_for(key)
         if check is not None:
             check(key, value)
 

@@ -144,9 +144,9 @@ def test_an_unexpected_error_ends_with_its_root_cause(tmp_path):
     """Async checkpoint threads are shut down before the traceback, so nothing buries it."""
     script = (
         "import sys; from absl import app; from mmjax import main\n"
-        "from mmjax.evals import evaluator\n"
-        "def fail(self, params): raise RuntimeError('boom: the root cause')\n"
-        "evaluator.Evaluator.__call__ = fail\n"
+        "from mmjax import evals\n"
+        "def fail(*args, **kwargs): raise RuntimeError('boom: the root cause')\n"
+        "evals.run = fail\n"
         "app.run(main.main, argv=sys.argv, flags_parser=main.parse_flags)\n"
     )
     result = subprocess.run(

@@ -63,9 +63,10 @@ def test_clip_trains_on_csv_and_evaluates_retrieval_on_held_out_csv(data, tmp_pa
     result = mmjax_main(*TINY_CLIP, *steps_args(3), f"--workdir={tmp_path}",
                         f"--config.data.train={data['csv_train']}", f"--config.data.eval={data['csv_val']}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "image_to_text_r@1" in result.stdout and "zeroshot" not in result.stdout  # a CSV has no classes
+    assert "retrieval/image_to_text_r@1" in result.stdout and "zeroshot/top1" not in result.stdout
+    assert "note: evals.zeroshot (zeroshot) does not run: " in result.stdout  # a CSV has no classes
     final = rows(tmp_path)[-1]
-    assert final["step"] == 3 and "eval/text_to_image_r@5" in final
+    assert final["step"] == 3 and "eval/retrieval/text_to_image_r@5" in final
     assert (tmp_path / "tokenizer.model").exists()  # trained on the CSV's captions
 
 
@@ -75,7 +76,7 @@ def test_zero_shot_on_a_folder_classification_set(data, tmp_path):
                         f"--config.data.eval={data['folder']}")
     assert result.returncode == 0, result.stderr[-3000:]
     table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("  zeroshot")}
-    assert table["zeroshot_top1"][1] == "0.250"  # chance: 4 colour classes
+    assert table["zeroshot/top1"][1] == "0.250"  # chance: 4 colour classes
 
 
 @pytest.mark.parametrize("source", ["wds", "tfds"])

@@ -26,6 +26,7 @@ class Tokenizer:
     """Thin wrapper over a SentencePieceProcessor with fixed-length batch encoding."""
 
     def __init__(self, model_proto: bytes):
+        self.proto = model_proto  # the serialized model: what a workdir keeps (mmjax.run_record)
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.vocab_size()
         self.pad_id, self.bos_id, self.eos_id = (self._special(i) for i in (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()))

@@ -183,22 +183,22 @@ def _caption_cell(draw: ImageDraw.ImageDraw, box, text: str, *, frame, fill, ran
 
 def retrieval_grid(path: str, images: np.ndarray, texts: list[str], image_to_text: np.ndarray,
                    text_to_image: np.ndarray, text_image: np.ndarray, *, queries: int = 4, k: int = 5) -> None:
-    """images uint8 [N_i, H, W, 3]; texts [N_t]; image_to_text int [N_i, ≥k] best texts per image;
-    text_to_image int [N_t, ≥k] best images per text; text_image int [N_t]: the image each text
-    describes. Draws the first `queries` queries of each direction: image→text rows (the query
+    """images uint8 [N_i, H, W, 3]; texts [N_t]; image_to_text int [≥queries, ≥k]: the best texts
+    of the first images; text_to_image int [≥queries, ≥k]: the best images of the first texts;
+    text_image int [N_t]: the image each text describes. Draws the first `queries` queries of each direction: image→text rows (the query
     image, then its top-k captions, best first; a true caption is in green with a check mark
     and a green frame) and text→image rows (the query caption, then its top-k images; the true
     image framed in green, the others in red). Fewer items than `queries` or `k`: fewer rows or
     columns."""
     images = _as_images(images)
     texts = [str(t) for t in texts]
-    image_to_text = np.asarray(image_to_text).reshape(len(images), -1)
-    text_to_image = np.asarray(text_to_image).reshape(len(texts), -1)
+    image_to_text = np.asarray(image_to_text).reshape(min(len(images), len(image_to_text)), -1)
+    text_to_image = np.asarray(text_to_image).reshape(min(len(texts), len(text_to_image)), -1)
     text_image = np.asarray(text_image).reshape(-1)
     if len(text_image) != len(texts):
         raise ValueError(f"text_image has {len(text_image)} entries for {len(texts)} texts")
-    n_i2t = max(0, min(queries, len(images)))
-    n_t2i = max(0, min(queries, len(texts)))
+    n_i2t = max(0, min(queries, len(image_to_text)))
+    n_t2i = max(0, min(queries, len(text_to_image)))
     k = max(0, min(k, image_to_text.shape[1], text_to_image.shape[1]))
     layout = retrieval_boxes(n_i2t, n_t2i, k)
     canvas = Image.new("RGB", layout["size"], BACKGROUND)

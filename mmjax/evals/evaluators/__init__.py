@@ -1,0 +1,1 @@
+"""The evaluator types of config.evals (mmjax.evals.TYPES): one module each."""
