@@ -13,6 +13,14 @@ open_clip calls this arrangement "parallel", as opposed to "cascade").
 
 L_con is CLIP's softmax loss in the paper; with SigLIP's sigmoid loss instead, CoCa also
 learns SigLIP's bias b (`logit_bias_init`, set by mmjax.models.build_model).
+
+Caption decoding with a key/value cache (mmjax.models.decoding drives these; the cache is
+the flax collection "cache", see mmjax.models.layers):
+
+    logits, v = model.apply({"params": p}, caption_tokens, tokens, method=model.caption_prefill,
+                            mutable=["cache"])                        # [B, L, V]; v["cache"]
+    logits, v = model.apply({"params": p, "cache": v["cache"]}, token, t,
+                            method=model.caption_step, mutable=["cache"])  # [B, V]
 """
 from __future__ import annotations
 
@@ -119,6 +127,24 @@ class CoCa(nn.Module):
         """Logits for `tokens` given precomputed image tokens: the greedy decoder's inner step."""
         _, features = self.encode_text(tokens)
         return self.decode(features, caption_tokens)
+
+    def caption_prefill(self, caption_tokens, tokens):
+        """`caption_logits` [B, L, V]; applied with mutable=["cache"] it also fills the decoding
+        cache: both decoders' self-attention keys/values for all L positions of `tokens`, the
+        unimodal decoder's key-validity row, and the cross-attention keys/values of
+        `caption_tokens`. Cache length = L (the text length the model reads, text_len - 1)."""
+        return self.caption_logits(caption_tokens, tokens)
+
+    def caption_step(self, token, cache_index, caption_tokens=None):
+        """Next-token logits [B, V] (f32) for `token` [B, 1] at position `cache_index` (int32
+        scalar, may be traced), given the cache of the positions before it; apply with
+        mutable=["cache"]: the token's keys/values are written at cache_index. Equal to
+        `caption_logits(caption_tokens, tokens)[:, cache_index]` for the row whose positions
+        0..cache_index the cache and `token` hold. caption_tokens=None: the cached
+        cross-attention keys/values; given: they are projected from these (and stored), which
+        is how a zero-filled cache (mmjax.models.decoding.empty_cache) starts."""
+        features, _ = self.unimodal_decoder(token, cache_index)
+        return self.multimodal_decoder(features, caption_tokens, cache_index)[:, 0].astype(jnp.float32)
 
     def clamped_logit_scale(self):
         return jnp.minimum(self.logit_scale, self.logit_scale_max)

@@ -4,6 +4,16 @@ Every parameter is created with logical axis names (`embed`, `mlp`, `heads`, `kv
 `mmjax.parallel.sharding` maps them to mesh axes with the config's rules table. Activations
 are constrained with `act_*` names so parameters and activations can be sharded differently
 (FSDP shards parameters on `embed`, never the activations' feature axis).
+
+Decoding cache (flax collection "cache"; `mmjax.models.decoding` drives it), for modules
+built with `kv_cache=True` (the text decoders). Applied with `mutable=["cache"]`, an
+ordinary forward pass is a *prefill*: every such `Attention` stores the
+keys/values it projected (self-attention: one per input position, so the cache is as long
+as the input; cross-attention: the context's, once). A *step* passes `cache_index` (a traced
+int32 scalar) down Transformer -> Block -> Attention with a [B, 1] input: self-attention
+writes this position's key/value at `cache_index` and attends to positions <= cache_index
+(and'ed with the caller's mask); cross-attention called with `kv=None` reuses its cached
+keys/values. Parameters are the same in every mode; `model.init` never creates a cache.
 """
 from __future__ import annotations
 
@@ -20,6 +30,12 @@ NEG_INF = -1e9  # large, finite: a fully-masked row stays NaN-free
 def param_init(init, names: Sequence[str | None]):
     """An initializer whose parameter carries logical axis names."""
     return nn.with_logical_partitioning(init, tuple(names))
+
+
+def caching(module: nn.Module) -> bool:
+    """Whether this call should store a decoding cache: "cache" is mutable (apply(...,
+    mutable=["cache"])) and we are not initialising parameters."""
+    return module.is_mutable_collection("cache") and not module.is_initializing()
 
 
 def constrain(x, names: Sequence[str | None]):
@@ -49,13 +65,22 @@ class Attention(nn.Module):
 
     `kv` is the sequence attended to: `x` itself for self-attention, image tokens for
     cross-attention. `mask` is boolean, broadcastable to [batch, heads, q_len, kv_len].
+
+    Decoding cache (see the module docstring), variables "cache"/"key" and "cache"/"value",
+    [batch, kv_len, heads, head_dim]:
+      * cache_index=None, kv given: ordinary attention; with kv_cache=True and under
+        `caching`, also store k, v (a prefill).
+      * cache_index=None, kv=None: attend to the cached k, v (cross-attention steps).
+      * cache_index given (self-attention step, x = kv of one position): write this
+        position's k, v at cache_index and attend to cached positions <= cache_index.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    kv_cache: bool = False  # a prefill stores k, v (only decoders need them)
 
     @nn.compact
-    def __call__(self, x, kv, mask=None):
+    def __call__(self, x, kv, mask=None, cache_index=None):
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -71,9 +96,30 @@ class Attention(nn.Module):
             b = param(f"{name}_bias", (self.num_heads, head_dim), ("heads", "kv"), nn.initializers.zeros)
             return jnp.einsum("bld,dhk->blhk", inputs.astype(self.dtype), w) + b
 
+        def cached(name):
+            value = self.get_variable("cache", name)
+            if value is None:
+                raise ValueError(f"{self.name}: no cached {name}s; prefill the cache first (apply with mutable=['cache'])")
+            return value
+
         q = project("query", x) / jnp.sqrt(head_dim).astype(self.dtype)
-        k = project("key", kv)
-        v = project("value", kv)
+        if cache_index is not None:  # one decoding step: append this position, attend to the prefix
+            k, v = cached("key"), cached("value")
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k, project("key", kv).astype(k.dtype), start)
+            v = jax.lax.dynamic_update_slice(v, project("value", kv).astype(v.dtype), start)
+            self.put_variable("cache", "key", k)
+            self.put_variable("cache", "value", v)
+            causal = (jnp.arange(k.shape[1]) <= cache_index)[None, None, None, :]
+            mask = causal if mask is None else mask & causal
+        elif kv is None:  # attend to keys/values an earlier call cached (cross-attention steps)
+            k, v = cached("key"), cached("value")
+        else:
+            k = project("key", kv)
+            v = project("value", kv)
+            if self.kv_cache and caching(self):
+                self.put_variable("cache", "key", k)
+                self.put_variable("cache", "value", v)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("act_batch", "act_heads", None, None))
         if mask is not None:
@@ -117,21 +163,26 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x += Attn(LN x); [x += CrossAttn(LN x, ctx)]; x += MLP(LN x)."""
+    """Pre-LN transformer block: x += Attn(LN x); [x += CrossAttn(LN x, ctx)]; x += MLP(LN x).
+
+    Decoding: `cache_index` goes to the self-attention; `context=None` makes the
+    cross-attention use its cached keys/values (see Attention).
+    """
 
     num_heads: int
     mlp_dim: int
     cross_attention: bool = False
     dtype: Dtype = jnp.float32
+    kv_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, mask=None, context=None):
+    def __call__(self, x, mask=None, context=None, cache_index=None):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         h = LayerNorm(self.dtype, name="ln_attn")(x)
-        x = x + Attention(self.num_heads, self.dtype, name="attn")(h, h, mask)
+        x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="attn")(h, h, mask, cache_index)
         if self.cross_attention:
             h = LayerNorm(self.dtype, name="ln_cross")(x)
-            x = x + Attention(self.num_heads, self.dtype, name="cross_attn")(h, context)
+            x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="cross_attn")(h, context)
         h = LayerNorm(self.dtype, name="ln_mlp")(x)
         return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
 
@@ -153,6 +204,10 @@ class Transformer(nn.Module):
     scan: one `nn.scan` over the blocks, so compile time does not grow with depth; the
       parameters are stacked on a leading `layers` axis under "blocks" instead of living
       under "block0".."block{depth-1}" (`mmjax.models.scan_layout` converts between the two).
+      A decoding cache is stacked the same way: its leaves under "blocks" have a leading
+      layers axis.
+    kv_cache: the blocks keep a decoding cache (see the module docstring); `cache_index`: a
+      decoding step (see Attention); None: an ordinary (or prefill) pass.
     """
 
     depth: int
@@ -162,29 +217,32 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    kv_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, mask=None, context=None):
+    def __call__(self, x, mask=None, context=None, cache_index=None):
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {list(REMAT_CHOICES)}")
         block = Block
         if self.remat != "none":
             # Under scan, CSE across iterations cannot happen: no need for its barrier.
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        make = lambda name: block(self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, name=name)
+        make = lambda name: block(
+            self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, self.kv_cache, name=name
+        )
         if not self.scan:
             for i in range(self.depth):
-                x = make(f"block{i}")(x, mask, context)
+                x = make(f"block{i}")(x, mask, context, cache_index)
             return x
         stack = nn.scan(
-            lambda blk, carry, mask, context: (blk(carry, mask, context), None),
-            variable_axes={"params": 0},
+            lambda blk, carry, mask, context, cache_index: (blk(carry, mask, context, cache_index), None),
+            variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(make(SCANNED_BLOCKS), x, mask, context)
+        x, _ = stack(make(SCANNED_BLOCKS), x, mask, context, cache_index)
         return x
 
 

@@ -10,6 +10,7 @@ CLIP / SigLIP: a `TextEncoder` pooled at one position (see its docstring).
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
@@ -35,6 +36,12 @@ class UnimodalTextDecoder(nn.Module):
 
     The [CLS] token sits at position L: causally it sees every text token; padding keys are
     masked so the embedding does not depend on how much padding follows the text.
+
+    Decoding cache (see mmjax.models.layers): a prefill (mutable "cache") also stores the
+    key-validity row "cache"/"key_valid" [B, L + 1] (tokens != pad, then the [CLS] slot).
+    A step, `cache_index` given, takes tokens [B, 1] at that position and returns
+    (features [B, 1, width], None): the same features as the full pass at that position,
+    with the same masks (causal, and no attention to PAD keys); no [CLS] output.
     """
 
     vocab_size: int
@@ -47,30 +54,55 @@ class UnimodalTextDecoder(nn.Module):
     remat: str = "none"
     scan: bool = False
 
+    def _pos_embedding(self, positions: int):
+        init = layers.param_init(nn.initializers.normal(0.01), ("length", "embed"))
+        return self.param("pos_embedding", init, (positions, self.width))
+
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, cache_index=None):
         batch, length = tokens.shape
         embed = token_embedding(self.vocab_size, self.width)
         x = embed(tokens).astype(self.dtype)
         cls = self.param("cls", layers.param_init(nn.initializers.normal(0.02), ("embed",)), (self.width,))
-        x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.width))], axis=1)
-        pos = self.param(
-            "pos_embedding",
-            layers.param_init(nn.initializers.normal(0.01), ("length", "embed")),
-            (length + 1, self.width),
+        decoder = layers.Transformer(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan=self.scan,
+            kv_cache=True,
+            name="decoder",
         )
-        x = x + pos.astype(self.dtype)
+        if cache_index is not None:
+            key_valid = self.get_variable("cache", "key_valid")
+            if key_valid is None:
+                raise ValueError("no decoding cache: prefill it first (apply with mutable=['cache'])")
+            key_valid = jax.lax.dynamic_update_slice(key_valid, tokens != self.pad_id, (0, cache_index))
+            self.put_variable("cache", "key_valid", key_valid)
+            # The table's full shape (L + 1 rows) comes from the cache: flax checks it.
+            pos = jax.lax.dynamic_slice_in_dim(self._pos_embedding(key_valid.shape[1]), cache_index, length)
+            x = decoder(x + pos.astype(self.dtype), key_valid[:, None, None, :], cache_index=cache_index)
+            return x, None
+        x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.width))], axis=1)
+        x = x + self._pos_embedding(length + 1).astype(self.dtype)
         key_is_text = jnp.concatenate([tokens != self.pad_id, jnp.ones((batch, 1), bool)], axis=1)
+        if layers.caching(self):
+            self.put_variable("cache", "key_valid", key_is_text)
         mask = causal_mask(length + 1) & key_is_text[:, None, None, :]
-        x = layers.Transformer(
-            self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, remat=self.remat, scan=self.scan, name="decoder"
-        )(x, mask)
+        x = decoder(x, mask)
         cls_feature = layers.LayerNorm(self.dtype, name="ln_cls")(x[:, -1])
         return x[:, :-1], cls_feature
 
 
 class MultimodalTextDecoder(nn.Module):
-    """(unimodal features [B, L, w], image tokens [B, N, w']) -> vocabulary logits [B, L, V]."""
+    """(unimodal features [B, L, w], image tokens [B, N, w']) -> vocabulary logits [B, L, V].
+
+    Decoding: a prefill (mutable "cache") stores every layer's self-attention keys/values and
+    the image tokens' cross-attention keys/values. A step passes `cache_index` and features
+    [B, 1, w]; image_tokens=None reuses the cached cross-attention keys/values, image tokens
+    given are projected (and, the cache being mutable, stored) again.
+    """
 
     vocab_size: int
     depth: int
@@ -81,8 +113,10 @@ class MultimodalTextDecoder(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, text_features, image_tokens):
+    def __call__(self, text_features, image_tokens, cache_index=None):
         length = text_features.shape[1]
+        # A step's causal mask is the self-attention's own (positions <= cache_index).
+        mask = causal_mask(length) if cache_index is None else None
         x = layers.Transformer(
             self.depth,
             self.num_heads,
@@ -91,8 +125,9 @@ class MultimodalTextDecoder(nn.Module):
             dtype=self.dtype,
             remat=self.remat,
             scan=self.scan,
+            kv_cache=True,
             name="decoder",
-        )(text_features, causal_mask(length), image_tokens)
+        )(text_features, mask, image_tokens, cache_index)
         x = layers.LayerNorm(self.dtype, name="ln_out")(x)
         logits = layers.dense(self.vocab_size, ("embed", "vocab"), self.dtype, "to_vocab")(x)
         return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
