@@ -141,9 +141,9 @@ def test_only_a_prefill_makes_a_cache():
     cache = mutated["cache"]
     assert set(cache) == {"unimodal_decoder", "multimodal_decoder"}  # not the image tower
     assert cache["unimodal_decoder"]["key_valid"].shape == (2, TEXT_LEN)  # text + [CLS]
-    stacked = cache["multimodal_decoder"]["decoder"]["blocks"]  # [layers, batch, length, heads, head dim]
-    assert stacked["attn"]["key"].shape == (2, 2, TEXT_LEN - 1, 2, WIDTH // 2)
-    assert stacked["cross_attn"]["value"].shape == (2, 2, QUERIES, 2, WIDTH // 2)
+    stacked = cache["multimodal_decoder"]["decoder"]["blocks"]  # [layers, batch, heads, length, head dim]
+    assert stacked["attn"]["key"].shape == (2, 2, 2, TEXT_LEN - 1, WIDTH // 2)
+    assert stacked["cross_attn"]["value"].shape == (2, 2, 2, QUERIES, WIDTH // 2)
 
 
 # --- the searches' relations, on a random language model ------------------------------

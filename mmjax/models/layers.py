@@ -67,7 +67,7 @@ class Attention(nn.Module):
     cross-attention. `mask` is boolean, broadcastable to [batch, heads, q_len, kv_len].
 
     Decoding cache (see the module docstring), variables "cache"/"key" and "cache"/"value",
-    [batch, kv_len, heads, head_dim]:
+    [batch, heads, kv_len, head_dim]:
       * cache_index=None, kv given: ordinary attention; with kv_cache=True and under
         `caching`, also store k, v (a prefill).
       * cache_index=None, kv=None: attend to the cached k, v (cross-attention steps).
@@ -103,29 +103,35 @@ class Attention(nn.Module):
             return value
 
         q = project("query", x) / jnp.sqrt(head_dim).astype(self.dtype)
+        # Cached keys/values are stored heads-major, [batch, heads, kv_len, head_dim]: the
+        # layout the attention matmuls read, so a step does not transpose the whole cache.
+        heads_major = lambda t: jnp.swapaxes(t, 1, 2)
+        layout = "bkhd"
         if cache_index is not None:  # one decoding step: append this position, attend to the prefix
             k, v = cached("key"), cached("value")
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k, project("key", kv).astype(k.dtype), start)
-            v = jax.lax.dynamic_update_slice(v, project("value", kv).astype(v.dtype), start)
+            start = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(k, heads_major(project("key", kv)).astype(k.dtype), start)
+            v = jax.lax.dynamic_update_slice(v, heads_major(project("value", kv)).astype(v.dtype), start)
             self.put_variable("cache", "key", k)
             self.put_variable("cache", "value", v)
-            causal = (jnp.arange(k.shape[1]) <= cache_index)[None, None, None, :]
+            causal = (jnp.arange(k.shape[2]) <= cache_index)[None, None, None, :]
             mask = causal if mask is None else mask & causal
+            layout = "bhkd"
         elif kv is None:  # attend to keys/values an earlier call cached (cross-attention steps)
             k, v = cached("key"), cached("value")
+            layout = "bhkd"
         else:
             k = project("key", kv)
             v = project("value", kv)
             if self.kv_cache and caching(self):
-                self.put_variable("cache", "key", k)
-                self.put_variable("cache", "value", v)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+                self.put_variable("cache", "key", heads_major(k))
+                self.put_variable("cache", "value", heads_major(v))
+        logits = jnp.einsum(f"bqhd,{layout}->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("act_batch", "act_heads", None, None))
         if mask is not None:
             logits = jnp.where(mask, logits, NEG_INF)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = jnp.einsum(f"bhqk,{layout}->bqhd", weights, v)
         w_out = param(
             "out_kernel",
             (self.num_heads, head_dim, width),
