@@ -93,7 +93,7 @@ def test_cached_decoding_equals_uncached(coca, options):
     assert len(lengths) > 1, cached  # rows finish at different lengths: the test has teeth
 
 
-@pytest.mark.parametrize("scan,remat", [(False, "full"), (True, "dots")], ids=["unrolled-remat_full", "scan-remat_dots"])
+@pytest.mark.parametrize("scan,remat", [(False, "full"), (True, "dots")], ids=["unrolled-remat_full", "scan-dots"])
 def test_step_logits_equal_the_full_pass(scan, remat):
     """caption_step at position t == caption_logits(row)[:, t], with PAD keys in the middle
     of the prefix (the unimodal decoder must mask them like the full pass does), both

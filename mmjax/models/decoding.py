@@ -152,7 +152,8 @@ def cached_stepper(model, params, caption_tokens, text_len: int, copies: int = 1
         return step(cache, jax.lax.dynamic_slice_in_dim(rows, t, 1, axis=1), t)
 
     def reorder(cache, parents):
-        return _map_cache(lambda x, axis, names: x if "cross_attn" in names else _gather_copies(x, axis, parents), cache)
+        regroup = lambda x, axis, names: x if "cross_attn" in names else _gather_copies(x, axis, parents)
+        return _map_cache(regroup, cache)
 
     return Stepper(start, advance, reorder)
 

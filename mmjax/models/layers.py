@@ -99,7 +99,7 @@ class Attention(nn.Module):
         def cached(name):
             value = self.get_variable("cache", name)
             if value is None:
-                raise ValueError(f"{self.name}: no cached {name}s; prefill the cache first (apply with mutable=['cache'])")
+                raise ValueError(f"{self.name}: no cached {name}; prefill the cache (apply with mutable=['cache'])")
             return value
 
         q = project("query", x) / jnp.sqrt(head_dim).astype(self.dtype)
