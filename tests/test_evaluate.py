@@ -84,10 +84,16 @@ def test_evaluate_bad_input_is_one_line(run, args, words):
         assert word in lines[0]
 
 
-def test_evaluate_refuses_a_workdir_without_a_run(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    for workdir, words in ((tmp_path / "empty", "does not exist"), (tmp_path, "tokenizer.model not found")):
-        result = command("mmjax.evaluate", f"--workdir={workdir}")
+def test_evaluate_refuses_a_workdir_without_a_run(run, tmp_path):
+    cases = {"missing": "does not exist", "empty": "config.json not found",
+             "no_tokenizer": "tokenizer.model not found", "untrained": "has no checkpoint yet"}
+    for name, files in (("empty", ()), ("no_tokenizer", ("config.json",)),
+                        ("untrained", ("config.json", "tokenizer.model"))):  # a run that has not saved yet
+        (tmp_path / name).mkdir()
+        for file in files:
+            shutil.copy(os.path.join(run[0], file), tmp_path / name / file)
+    for name, words in cases.items():
+        result = command("mmjax.evaluate", f"--workdir={tmp_path / name}")
         assert result.returncode == 2 and words in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 

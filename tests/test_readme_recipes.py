@@ -5,6 +5,7 @@ that needs the network; the tiny data stands in for what they would produce), th
 paths (pointed at the tiny data), and overrides appended to `mmjax.main` that shrink the
 model, the run and the tokenizer's vocabulary to what tiny data allows (later flags win).
 """
+import json
 import re
 import shlex
 import subprocess
@@ -44,9 +45,24 @@ def tiny(tmp_path_factory):
     (mine / "val.csv").write_text(open(val).read())
     data_builders.prepare_tfds(str(root / "tfds"))
     tars = data_builders.write_tars(root / "cc3m", shards=4, per_shard=8)
+    karpathy = write_karpathy_split(root / "coco")
     return {"/data/mine/": f"{mine}/", "/data/tfds": str(root / "tfds"),
             "/data/cc3m/{00000..00331}.tar": tars, "/data/coco_val/val.csv": str(mine / "val.csv"),
-            "root": root}
+            "/data/karpathy/dataset_coco.json": karpathy, "/data/coco_karpathy_test.csv": str(root / "coco_test.csv"),
+            "/data/coco": str(root / "coco"), "root": root}
+
+
+def write_karpathy_split(directory) -> str:
+    """dataset_coco.json's layout: 3 test images with 5 sentences each under val2014/, 1 train image."""
+    (directory / "val2014").mkdir(parents=True)
+    images = []
+    for i, (key, data, caption, _) in enumerate(data_builders.examples(4)):
+        (directory / "val2014" / f"{key}.jpg").write_bytes(data)
+        images.append({"filepath": "val2014", "filename": f"{key}.jpg", "split": "test" if i < 3 else "train",
+                       "sentences": [{"raw": f"{caption}, take {j}"} for j in range(5)]})
+    path = directory / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images}))
+    return str(path)
 
 
 def run(line: str, tiny, extra=()):
@@ -55,10 +71,12 @@ def run(line: str, tiny, extra=()):
             line = line.replace(path, replacement)
     args = shlex.split(line)
     assert args[:2] == ["python", "-m"], line
+    if args[2] in ("mmjax.main", "mmjax.evaluate"):
+        workdir = tiny["root"] / re.search(r"--workdir=(\S+)", line).group(1)
+        args = [a for a in args if not a.startswith("--workdir=")] + [f"--workdir={workdir}"]
     if args[2] == "mmjax.main":
         model = "coca" if "configs/coca.py" in line else "clip"
-        workdir = tiny["root"] / re.search(r"--workdir=(\S+)", line).group(1)
-        args += [*SHRINK["common"], *SHRINK[model], *extra, f"--workdir={workdir}"]
+        args += [*SHRINK["common"], *SHRINK[model], *extra]
     elif args[2] == "mmjax.data.train_tokenizer":
         args += ["--vocab_size=60"]  # all that 32 tiny captions can make
     result = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True, timeout=600)
@@ -77,3 +95,16 @@ def test_recipe_runs_as_written(name, extra, tiny):
     assert lines[-1].startswith("python -m mmjax.main")
     outputs = [run(line, tiny, extra) for line in lines]
     assert "Final held-out results" in outputs[-1] and "image_to_text_r@1" in outputs[-1]
+
+
+def test_evaluate_recipe_runs_as_written(tiny):
+    """On the COCO recipe's run (trained here first): a Karpathy-split CSV, then two benchmarks."""
+    train = recipe("coco")[-1]
+    if not (tiny["root"] / "runs" / "coco" / "checkpoints").exists():
+        run(train, tiny, ["--config.data.vocab_size=50"])
+    lines = recipe("evaluate")
+    made, evaluated = (run(line, tiny) for line in lines)
+    assert "3 images, 15 captions (test)" in made
+    for metric in ("coco5k/image_to_text_r@1", "coco5k/text_to_image_r@10", "cifar10/top1"):
+        assert metric in evaluated
+    assert (tiny["root"] / "runs" / "coco" / "eval_2.json").exists()
