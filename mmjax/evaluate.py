@@ -3,8 +3,8 @@
     python -m mmjax.evaluate --workdir=DIR [--step=N] [--evals=name,...] [--config.evals.X...]
 
 Rebuilds the model from the workdir alone (config.json, tokenizer.model, checkpoints/; only
-the parameters are read), runs config.evals (or the ones named), prints a table and writes
-DIR/eval_<step>.json. On the same checkpoint and data the numbers are the trainer's.
+the parameters are read), runs config.evals (or the ones named), prints a table and adds the
+results to DIR/eval_<step>.json. On the same checkpoint and data the numbers are the trainer's.
 
 Options of an entry are changed like the trainer's: --config.evals.zeroshot.options.templates=imagenet80.
 A new entry is made by giving its type first, then its fields:
@@ -112,9 +112,22 @@ def main(argv):
     print(f"{workdir}, step {step}")
     print(evals.table(results, chance))
     path = os.path.join(workdir, f"eval_{step}.json")
-    with open(path, "w") as f:
-        json.dump({"step": step, "results": results}, f, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {write_results(path, step, results)}")
+
+
+def write_results(path: str, step: int, results: dict) -> str:
+    """Add `results` to the step's file: evaluations of one checkpoint run at different times
+    accumulate (a metric measured again is replaced)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)["results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        saved = {}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "results": {**saved, **results}}, f, indent=2)
+    os.replace(tmp, path)
+    return path
 
 
 if __name__ == "__main__":

@@ -138,3 +138,10 @@ def test_predict_labels_captions_and_embeds_images(run, tmp_path):
     assert list(saved["images"]) == paths and list(saved["texts"]) == labels
     np.testing.assert_allclose(saved["image_embeddings"], image_emb, atol=1e-5)
     np.testing.assert_allclose(saved["text_embeddings"], label_emb, atol=1e-5)
+
+
+def test_results_of_one_step_accumulate(tmp_path):
+    path = str(tmp_path / "eval_5.json")
+    evaluate.write_results(path, 5, {"eval/a/top1": 0.5, "eval/b/r@1": 0.25})
+    evaluate.write_results(path, 5, {"eval/a/top1": 0.75})
+    assert json.load(open(path)) == {"step": 5, "results": {"eval/a/top1": 0.75, "eval/b/r@1": 0.25}}
