@@ -200,7 +200,6 @@ def test_bleu4():
 
 
 def test_cider_d():
-    ln2 = math.log(2)
     # Two images, one reference each: "red circle" and "blue square". Every reference n-gram
     # occurs for one image of two: idf = log(2/1) = ln 2 (and an n-gram no reference has: df
     # floored at 1, idf ln 2 too).

@@ -16,7 +16,6 @@ With --json the last line printed is one JSON object (params_total, params_<towe
 from __future__ import annotations
 
 import json
-import sys
 
 import flax.linen as nn
 import jax
