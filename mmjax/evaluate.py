@@ -13,7 +13,6 @@ A new entry is made by giving its type first, then its fields:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mmjax import evals, run_record, validation
+from mmjax.evals import standalone
 from mmjax.errors import ConfigError, UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's output directory.")
@@ -42,19 +42,6 @@ def _flag_value(argv, name: str) -> str | None:
     return None
 
 
-def add_new_entries(config, argv) -> None:
-    """--config.evals.NAME.type=TYPE for a NAME config.evals lacks: a new entry of that type
-    with its defaults, which the NAME's other flags then set."""
-    for arg in argv:
-        prefix, _, kind = arg.partition("=")
-        parts = prefix.split(".")
-        if len(parts) == 4 and parts[:2] == ["--config", "evals"] and parts[3] == "type":
-            if "evals" not in config:
-                config.evals = {}
-            if parts[2] not in config.evals:
-                config.evals[parts[2]] = evals.entry(kind)
-
-
 def parse_flags(argv):
     """The workdir's recorded config becomes --config, so --config.X overrides it; errors are
     one line, exit status 2."""
@@ -65,7 +52,7 @@ def parse_flags(argv):
         config, _ = run_record.load(workdir)
         if "evals" not in config:  # a record from before config.evals
             config.evals = evals.embedded_entries(config.model.name == "coca")
-        add_new_entries(config, argv)
+        standalone.add_entries_named_in(config, argv)
     except UserError as e:
         _exit_with(str(e))
     config_flags.DEFINE_config_dict("config", config, "The run's config (config.json); override with --config.X=...")
@@ -81,53 +68,19 @@ def parse_flags(argv):
     return rest
 
 
-def evaluate(workdir: str, config, step: int | None = None, names=()) -> tuple[int, dict, dict]:
-    """-> (step, results, chance): the evaluators of `config` (only `names`, when given) on the
-    checkpoint `step` (default: the latest) of `workdir`."""
-    import jax
-
-    from mmjax import inference
-    from mmjax.evals.predictor import Predictor
-
-    run = inference.load(workdir, step, config)
-    scheduled = evals.build(run.config, run.model.has_decoder, names=list(names))
-    if not scheduled:
-        raise UserError("no evaluator can run on this model and data (see the notes above)")
-    shardings = jax.tree.map(lambda x: x.sharding, run.params)
-    predictor = Predictor(run.model, run.tokenizer, run.config.data.text_len, run.mesh, shardings,
-                          run.config.eval.batch_size)
-    results = evals.run(scheduled, predictor.bind(run.params), run.step, final=True, workdir=run.workdir)
-    return run.step, results, evals.chance(scheduled)
-
-
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     workdir = os.path.abspath(_WORKDIR.value)
     try:
-        step, results, chance = evaluate(workdir, flags.FLAGS.config, _STEP.value, _EVALS.value)
+        step, results, chance = standalone.evaluate(workdir, flags.FLAGS.config, _STEP.value, _EVALS.value)
     except UserError as e:
         _exit_with(str(e), e.exit_code)
     print(f"{workdir}, step {step}")
     print(evals.table(results, chance))
     path = os.path.join(workdir, f"eval_{step}.json")
-    print(f"wrote {write_results(path, step, results)}")
-
-
-def write_results(path: str, step: int, results: dict) -> str:
-    """Add `results` to the step's file: evaluations of one checkpoint run at different times
-    accumulate (a metric measured again is replaced)."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)["results"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        saved = {}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "results": {**saved, **results}}, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    print(f"wrote {standalone.write_results(path, step, results)}")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
     mesh = sharding.make_mesh(config.mesh)
     check_config(config, mesh)
     pipeline.check_sources(config.data)
+    evals.check_sources(config)
     workdir = prepare_workdir(workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     opened = []  # the data iterator, once there is one

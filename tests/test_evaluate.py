@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from helpers import tiny_train_config
-from mmjax import evaluate, inference, metrics, train
+from mmjax import inference, metrics, train
+from mmjax.evals import standalone
 from mmjax.data import shapes
 from mmjax.models import decoding
 
@@ -38,7 +39,7 @@ def test_the_workdir_holds_what_rebuilds_the_run(run):
 def test_evaluate_reproduces_the_trainers_final_numbers(run):
     workdir, results = run
     config = train.run_record.load(workdir)[0]
-    step, again, chance = evaluate.evaluate(workdir, config)
+    step, again, chance = standalone.evaluate(workdir, config)
     assert step == 2 and again.keys() == results.keys()
     for key in results:
         assert again[key] == pytest.approx(results[key], abs=1e-6), key
@@ -65,7 +66,7 @@ def test_evaluate_command_prints_a_table_and_writes_json(run, tmp_path):
 def test_evaluate_adds_an_entry_from_the_command_line(run):
     workdir, _ = run
     config = train.run_record.load(workdir)[0]
-    evaluate.add_new_entries(config, ["--config.evals.few.type=retrieval"])
+    standalone.add_entries_named_in(config, ["--config.evals.few.type=retrieval"])
     assert config.evals.few.type == "retrieval" and tuple(config.evals.few.options.ks) == (1, 5, 10)
 
 
@@ -142,6 +143,6 @@ def test_predict_labels_captions_and_embeds_images(run, tmp_path):
 
 def test_results_of_one_step_accumulate(tmp_path):
     path = str(tmp_path / "eval_5.json")
-    evaluate.write_results(path, 5, {"eval/a/top1": 0.5, "eval/b/r@1": 0.25})
-    evaluate.write_results(path, 5, {"eval/a/top1": 0.75})
+    standalone.write_results(path, 5, {"eval/a/top1": 0.5, "eval/b/r@1": 0.25})
+    standalone.write_results(path, 5, {"eval/a/top1": 0.75})
     assert json.load(open(path)) == {"step": 5, "results": {"eval/a/top1": 0.75, "eval/b/r@1": 0.25}}

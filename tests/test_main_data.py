@@ -156,6 +156,7 @@ def test_mostly_bad_data_stops_with_a_clear_error(data, tmp_path):
     ("--config.data.train=tfds:coco_captions", ["not prepared", "download_and_prepare", "--config.data.tfds_data_dir"]),
     ("--config.data.tokenizer=/nowhere/spm.model", ["/nowhere/spm.model", "--config.data.tokenizer"]),
     ("--config.data.eval=wds:/nowhere/{0..3}.tar", ["matches no file", "/nowhere/"]),
+    ("--config.evals.retrieval.data=tfds:cifar10:test", ["not prepared", "--config.data.tfds_data_dir"]),
 ])
 def test_bad_data_input_is_one_line(override, expected, tmp_path):
     table = tmp_path / "bad.csv"

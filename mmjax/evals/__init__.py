@@ -72,6 +72,7 @@ class Context:
         self._sets = {}
 
     def dataset(self, entry):
+        """The entry's split: its `data` (`limit` records; 0: all), or data.eval's first data.num_eval."""
         spec = entry.data or self.data_cfg.eval
         limit = entry.limit or (self.data_cfg.num_eval if not entry.data else 0)
         return self.load(spec, limit)
@@ -82,6 +83,17 @@ class Context:
         if (spec, limit) not in self._sets:
             self._sets[spec, limit] = datasets.load(spec, self.data_cfg, limit)
         return self._sets[spec, limit]
+
+
+def check_sources(config) -> None:
+    """Open every evaluation split config.evals names, so that a missing one stops the run (one
+    line) before anything is written."""
+    from mmjax.data import sources
+
+    for e in (config.get("evals") or {}).values():
+        for spec in (e.data, e.options.get("train_data", "")):
+            if spec:
+                sources.open_source(spec, config.data)
 
 
 class Scheduled:
