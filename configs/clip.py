@@ -10,7 +10,11 @@ Default: a small CLIP on the embedded shapes dataset, trained on a 2-core CPU in
 The variants follow open_clip's model configs: 224 px images; text context 77, vocabulary
 49,408, 12 layers, MLP 4×; pre-LN blocks; the image is pooled at a [CLS] token after
 ln_post and projected without bias; the text is causal and pooled at its end-of-text
-token; learnable temperature log(1/0.07), clamped at log 100.
+token; learnable temperature log(1/0.07), clamped at log 100. Numerics as open_clip's
+model names ViT-B-32, ViT-B-16, ViT-L-14 (torch's): LayerNorm ε 1e-5 and exact GELU
+(model.layernorm_eps, model.mlp_activation). OpenAI's original weights (open_clip's
+`-quickgelu` names) need --config.model.mlp_activation=quick_gelu. The small default keeps
+mmjax's numerics (ε 1e-6, tanh-GELU).
 
     variant  embed  vision width/layers/heads/patch  text width/heads
     vit_b32  512    768 / 12 / 12 / 32               512 / 8
@@ -54,8 +58,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     return c
 
 
-def clip_model(*, embed, patch, vision_width, vision_depth, vision_heads, text_width, text_heads, text_depth=12):
-    """A CLIP model section; MLPs are 4× wide."""
+def clip_model(
+    *,
+    embed,
+    patch,
+    vision_width,
+    vision_depth,
+    vision_heads,
+    text_width,
+    text_heads,
+    text_depth=12,
+    layernorm_eps=1e-6,
+    mlp_activation="gelu_tanh",
+):
+    """A CLIP model section; MLPs are 4× wide. Numerics default to mmjax's (flax's)."""
     return ml_collections.ConfigDict(
         dict(
             name="clip",
@@ -68,6 +84,8 @@ def clip_model(*, embed, patch, vision_width, vision_depth, vision_heads, text_w
             image_pool="cls",  # [CLS] token, ln_pre, bias-free patch embedding (open_clip's ViT)
             text_pool="eot",  # causal, pooled at the end-of-text token
             projection_bias=False,
+            layernorm_eps=layernorm_eps,  # every LayerNorm's ε
+            mlp_activation=mlp_activation,  # every MLP's: gelu (exact) | gelu_tanh | quick_gelu
             # None: objective.contrastive's paper init (configs/coca.py, mmjax.models).
             logit_scale_init=placeholder(float),
             logit_scale_max=placeholder(float),
@@ -84,7 +102,7 @@ def clip_model(*, embed, patch, vision_width, vision_depth, vision_heads, text_w
 
 
 def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
-    c.model = clip_model(**size)
+    c.model = clip_model(**size, layernorm_eps=1e-5, mlp_activation="gelu")  # open_clip's (torch's) numerics
     c.model.update(dict(dtype="bfloat16", vocab_size=49_408, remat="dots", scan_layers=True))
     c.data.image_size = 224
     c.data.augment.crop = "random_resized"

@@ -91,6 +91,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.lock_text = False  # LiT: freeze the text tower
     c.model.image_mean = (0.5, 0.5, 0.5)  # pixels are normalised on device: (x/255 - mean) / std
     c.model.image_std = (0.5, 0.5, 0.5)
+    # Numerics (docs/models.md, "Numerics"): flax's and big_vision's; open_clip's CLIP: 1e-5 and "gelu".
+    c.model.layernorm_eps = 1e-6  # every LayerNorm's ε
+    c.model.mlp_activation = "gelu_tanh"  # every MLP's: gelu (exact, erf) | gelu_tanh | quick_gelu (x·σ(1.702x))
     # The contrastive loss's learned scalars: None takes objective.contrastive's paper init
     # (softmax: log 1/0.07 clamped at log 100, no bias; sigmoid: log 10, no clamp, b = -10).
     c.model.logit_scale_init = placeholder(float)  # t′: logits are scaled by exp(t′)

@@ -15,6 +15,8 @@ SigLIP as in the paper and big_vision's two_towers model:
     mask) pooled at its last position; both projections ("heads") have a bias.
   * b16: 224 px, patch 16, width 768, 12 layers, 12 heads, MLP 3072 on both towers;
     text vocabulary 32,000 and context 64; embedding 768.
+  * numerics: big_vision's (flax's nn.LayerNorm ε 1e-6, nn.gelu's tanh approximation), in
+    every variant (b16 starts from clip.py:vit_b16, which has open_clip's).
 Run settings for b16: batch 32,768, lr 1e-3, weight decay 1e-4, β2 0.95 (the paper's
 large-batch settings); pixels scaled to [-1, 1] as big_vision does (mean = std = 0.5), not
 CLIP's statistics. Data: `data.train` / `data.eval` default to the embedded shapes dataset
@@ -45,6 +47,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             image_pool="map",  # MAP head; no [CLS] token, no ln_pre, patch embedding with bias
             text_pool="last",  # bidirectional, pooled at the last position
             projection_bias=True,
+            layernorm_eps=1e-6,  # big_vision: flax nn.LayerNorm's default
+            mlp_activation="gelu_tanh",  # big_vision: flax nn.gelu's default (approximate=True)
         )
     )
     c.objective.contrastive = "siglip"  # also the inits: t′ = log 10 (not clamped), b = -10

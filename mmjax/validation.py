@@ -258,6 +258,8 @@ RULES: dict[str, Check] = {
     "model.image_pool": one_of(clip.IMAGE_POOLING),
     "model.text_pool": one_of(text.TEXT_POOLING),
     "model.projection_bias": flag,
+    "model.layernorm_eps": number(0, low_open=True),
+    "model.mlp_activation": one_of(layers.ACTIVATIONS),
     "model.logit_scale_init": optional(number(), PAPER_INIT),
     "model.logit_scale_max": optional(number(finite=False), PAPER_INIT + "; inf: no clamp"),
     "model.logit_bias_init": optional(number(), PAPER_INIT),

@@ -14,6 +14,10 @@ means the loss's paper init (PAPER_LOGIT_INITS; under "siglip" b = −10); a num
 So configs/siglip.py needs no inits of its own, and configs/coca.py or clip.py with
 --config.objective.contrastive=siglip get SigLIP's. A pinned bias with the softmax loss is
 a ConfigError, not an unused parameter.
+
+Numerics (layers.Numerics): model.layernorm_eps (every LayerNorm's ε) and model.mlp_activation
+(every MLP's: "gelu" exact, "gelu_tanh", "quick_gelu") reach every tower and pooler. A model
+section without them (an older run's config.json) gets mmjax's defaults, ε 1e-6 and tanh-GELU.
 """
 from __future__ import annotations
 
@@ -96,6 +100,18 @@ def _training_options(model_cfg) -> dict:
     )
 
 
+def model_numerics(model_cfg) -> layers.Numerics:
+    """The config's LayerNorm ε and MLP activation; absent keys: layers.Numerics' defaults."""
+    default = layers.Numerics()
+    eps = model_cfg.get("layernorm_eps", default.layernorm_eps)
+    activation = model_cfg.get("mlp_activation", default.mlp_activation)
+    if activation not in layers.ACTIVATIONS:
+        raise ValueError(f"unknown model.mlp_activation {activation!r}; valid: {list(layers.ACTIVATIONS)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"model.layernorm_eps must be a finite number above 0, got {eps!r}")
+    return layers.Numerics(layernorm_eps=float(eps), mlp_activation=activation)
+
+
 def build_model(model_cfg, vocab_size: int, pad_id: int = 0, *, contrastive: str):
     """Build the module named by `model_cfg.name`; `vocab_size` is the tokenizer's and
     `contrastive` the objective's loss ("clip" | "siglip"), which decides the bias."""
@@ -118,6 +134,7 @@ def build_model(model_cfg, vocab_size: int, pad_id: int = 0, *, contrastive: str
         pad_id=pad_id,
         **logit_inits(model_cfg, contrastive),
         **_training_options(model_cfg),
+        numerics=model_numerics(model_cfg),
     )
     if model_cfg.name == "coca":
         return CoCa(

@@ -82,6 +82,7 @@ class CLIP(nn.Module):
     patch_dropout: float = 0.0
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
+    numerics: layers.Numerics = layers.Numerics()  # every LayerNorm's ε and MLP's activation, both towers
 
     def setup(self):
         if self.image_pool not in IMAGE_POOLING:
@@ -102,9 +103,10 @@ class CLIP(nn.Module):
             image_std=self.image_std,
             remat=self.remat,
             scan=self.scan_layers,
+            numerics=self.numerics,
         )
         if not cls:
-            self.image_pooler = poolers.MAPHead(self.vision_heads, self.vision_mlp_dim, self.dtype)
+            self.image_pooler = poolers.MAPHead(self.vision_heads, self.vision_mlp_dim, self.dtype, self.numerics)
         self.image_projection = layers.dense(
             self.embed_dim, ("embed", "proj"), self.dtype, "image_proj", self.projection_bias
         )
@@ -119,6 +121,7 @@ class CLIP(nn.Module):
             self.dtype,
             self.remat,
             self.scan_layers,
+            self.numerics,
         )
         self.text_projection = layers.dense(
             self.embed_dim, ("embed", "proj"), self.dtype, "text_proj", self.projection_bias

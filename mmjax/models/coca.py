@@ -66,6 +66,7 @@ class CoCa(nn.Module):
     patch_dropout: float = 0.0
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
+    numerics: layers.Numerics = layers.Numerics()  # every LayerNorm's ε and MLP's activation
 
     def setup(self):
         self.image_encoder = vit.ViT(
@@ -80,9 +81,12 @@ class CoCa(nn.Module):
             image_std=self.image_std,
             remat=self.remat,
             scan=self.scan_layers,
+            numerics=self.numerics,
         )
-        self.contrastive_pooler = poolers.AttentionalPooler(1, self.vision_heads, self.dtype)
-        self.caption_pooler = poolers.AttentionalPooler(self.caption_queries, self.vision_heads, self.dtype)
+        self.contrastive_pooler = poolers.AttentionalPooler(1, self.vision_heads, self.dtype, self.numerics)
+        self.caption_pooler = poolers.AttentionalPooler(
+            self.caption_queries, self.vision_heads, self.dtype, self.numerics
+        )
         self.image_projection = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "image_proj", False)
         self.unimodal_decoder = text.UnimodalTextDecoder(
             self.vocab_size,
@@ -94,6 +98,7 @@ class CoCa(nn.Module):
             self.dtype,
             self.remat,
             self.scan_layers,
+            self.numerics,
         )
         self.text_projection = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "text_proj", False)
         self.multimodal_decoder = text.MultimodalTextDecoder(
@@ -104,6 +109,7 @@ class CoCa(nn.Module):
             self.dtype,
             self.remat,
             self.scan_layers,
+            self.numerics,
         )
         self.logit_scale, self.logit_bias = logit_params(self)
 

@@ -14,9 +14,16 @@ int32 scalar) down Transformer -> Block -> Attention with a [B, 1] input: self-a
 writes this position's key/value at `cache_index` and attends to positions <= cache_index
 (and'ed with the caller's mask); cross-attention called with `kv=None` reuses its cached
 keys/values. Parameters are the same in every mode; `model.init` never creates a cache.
+
+Numerics (`Numerics`, config.model.layernorm_eps and .mlp_activation): the LayerNorm ε and the
+MLP activation of every block, pooler and final norm. They change no parameter, only what
+the same parameters compute; the defaults are flax's and big_vision's (ε 1e-6, tanh-GELU),
+open_clip's CLIP uses torch's (ε 1e-5, exact GELU; QuickGELU for OpenAI's weights).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -41,6 +48,42 @@ def caching(module: nn.Module) -> bool:
 def constrain(x, names: Sequence[str | None]):
     """Shard an activation by logical names (a no-op outside a mesh/rules context)."""
     return nn.with_logical_constraint(x, tuple(names))
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation x·σ(1.702x) (open_clip's QuickGELU)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# config.model.mlp_activation -> the MLP's nonlinearity.
+ACTIVATION_FUNCTIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact x·Φ(x) (erf): torch nn.GELU
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # tanh approximation: flax nn.gelu, big_vision
+    "quick_gelu": quick_gelu,  # x·σ(1.702x): OpenAI CLIP
+}
+ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """Choices that change what the parameters compute but not the parameters themselves
+    (so a checkpoint from another codebase can be reproduced): every LayerNorm's ε and
+    every MLP's activation. Defaults: mmjax's own (flax/big_vision) numerics."""
+
+    layernorm_eps: float = 1e-6
+    mlp_activation: str = "gelu_tanh"  # one of ACTIVATIONS
+
+    def __post_init__(self):
+        if self.mlp_activation not in ACTIVATION_FUNCTIONS:
+            raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; valid: {list(ACTIVATIONS)}")
+        if not self.layernorm_eps > 0:
+            raise ValueError(f"layernorm_eps must be above 0, got {self.layernorm_eps}")
+
+    def layer_norm(self, dtype, name: str) -> "LayerNorm":
+        return LayerNorm(dtype, self.layernorm_eps, name=name)
+
+    def mlp(self, mlp_dim: int, dtype, name: str) -> "Mlp":
+        return Mlp(mlp_dim, dtype, self.mlp_activation, name=name)
 
 
 class LayerNorm(nn.Module):
@@ -143,10 +186,11 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Position-wise feed-forward: W2 · GELU(W1 x)."""
+    """Position-wise feed-forward: W2 · act(W1 x), act one of ACTIVATIONS (default tanh-GELU)."""
 
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x):
@@ -158,7 +202,9 @@ class Mlp(nn.Module):
             bias_init=param_init(nn.initializers.normal(1e-6), ("mlp",)),
             name="fc1",
         )(x)
-        h = constrain(nn.gelu(h), ("act_batch", "act_length", "act_mlp"))
+        if self.activation not in ACTIVATION_FUNCTIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {list(ACTIVATIONS)}")
+        h = constrain(ACTIVATION_FUNCTIONS[self.activation](h), ("act_batch", "act_length", "act_mlp"))
         return nn.Dense(
             width,
             dtype=self.dtype,
@@ -180,17 +226,18 @@ class Block(nn.Module):
     cross_attention: bool = False
     dtype: Dtype = jnp.float32
     kv_cache: bool = False
+    numerics: Numerics = Numerics()
 
     @nn.compact
     def __call__(self, x, mask=None, context=None, cache_index=None):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        h = LayerNorm(self.dtype, name="ln_attn")(x)
+        h = self.numerics.layer_norm(self.dtype, "ln_attn")(x)
         x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="attn")(h, h, mask, cache_index)
         if self.cross_attention:
-            h = LayerNorm(self.dtype, name="ln_cross")(x)
+            h = self.numerics.layer_norm(self.dtype, "ln_cross")(x)
             x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="cross_attn")(h, context)
-        h = LayerNorm(self.dtype, name="ln_mlp")(x)
-        return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
+        h = self.numerics.layer_norm(self.dtype, "ln_mlp")(x)
+        return x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(h)
 
 
 # Rematerialisation per block: which intermediates the backward pass may keep instead of
@@ -214,6 +261,7 @@ class Transformer(nn.Module):
       layers axis.
     kv_cache: the blocks keep a decoding cache (see the module docstring); `cache_index`: a
       decoding step (see Attention); None: an ordinary (or prefill) pass.
+    numerics: every block's LayerNorm ε and MLP activation (see Numerics).
     """
 
     depth: int
@@ -224,6 +272,7 @@ class Transformer(nn.Module):
     remat: str = "none"
     scan: bool = False
     kv_cache: bool = False
+    numerics: Numerics = Numerics()
 
     @nn.compact
     def __call__(self, x, mask=None, context=None, cache_index=None):
@@ -234,7 +283,7 @@ class Transformer(nn.Module):
             # Under scan, CSE across iterations cannot happen: no need for its barrier.
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         make = lambda name: block(
-            self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, self.kv_cache, name=name
+            self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, self.kv_cache, self.numerics, name=name
         )
         if not self.scan:
             for i in range(self.depth):

@@ -17,6 +17,7 @@ class AttentionalPooler(nn.Module):
     num_queries: int
     num_heads: int
     dtype: layers.Dtype = jnp.float32
+    numerics: layers.Numerics = layers.Numerics()
 
     @nn.compact
     def __call__(self, tokens):
@@ -28,7 +29,7 @@ class AttentionalPooler(nn.Module):
         )
         queries = jnp.broadcast_to(queries.astype(self.dtype), (tokens.shape[0], self.num_queries, width))
         pooled = layers.Attention(self.num_heads, self.dtype, name="attn")(queries, tokens)
-        return layers.LayerNorm(self.dtype, name="ln_out")(pooled)
+        return self.numerics.layer_norm(self.dtype, "ln_out")(pooled)
 
 
 class MAPHead(nn.Module):
@@ -38,6 +39,7 @@ class MAPHead(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: layers.Dtype = jnp.float32
+    numerics: layers.Numerics = layers.Numerics()
 
     @nn.compact
     def __call__(self, tokens):
@@ -46,5 +48,5 @@ class MAPHead(nn.Module):
         probe = self.param("probe", probe_init, (1, width))
         probe = jnp.broadcast_to(probe.astype(self.dtype), (tokens.shape[0], 1, width))
         y = layers.Attention(self.num_heads, self.dtype, name="attn")(probe, tokens)
-        z = y + layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(layers.LayerNorm(self.dtype, name="ln")(y))
+        z = y + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(self.numerics.layer_norm(self.dtype, "ln")(y))
         return z[:, 0]

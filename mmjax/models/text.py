@@ -53,6 +53,7 @@ class UnimodalTextDecoder(nn.Module):
     dtype: layers.Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    numerics: layers.Numerics = layers.Numerics()
 
     def _pos_embedding(self, positions: int):
         init = layers.param_init(nn.initializers.normal(0.01), ("length", "embed"))
@@ -72,6 +73,7 @@ class UnimodalTextDecoder(nn.Module):
             remat=self.remat,
             scan=self.scan,
             kv_cache=True,
+            numerics=self.numerics,
             name="decoder",
         )
         if cache_index is not None:
@@ -91,7 +93,7 @@ class UnimodalTextDecoder(nn.Module):
             self.put_variable("cache", "key_valid", key_is_text)
         mask = causal_mask(length + 1) & key_is_text[:, None, None, :]
         x = decoder(x, mask)
-        cls_feature = layers.LayerNorm(self.dtype, name="ln_cls")(x[:, -1])
+        cls_feature = self.numerics.layer_norm(self.dtype, "ln_cls")(x[:, -1])
         return x[:, :-1], cls_feature
 
 
@@ -111,6 +113,7 @@ class MultimodalTextDecoder(nn.Module):
     dtype: layers.Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    numerics: layers.Numerics = layers.Numerics()
 
     @nn.compact
     def __call__(self, text_features, image_tokens, cache_index=None):
@@ -126,9 +129,10 @@ class MultimodalTextDecoder(nn.Module):
             remat=self.remat,
             scan=self.scan,
             kv_cache=True,
+            numerics=self.numerics,
             name="decoder",
         )(text_features, mask, image_tokens, cache_index)
-        x = layers.LayerNorm(self.dtype, name="ln_out")(x)
+        x = self.numerics.layer_norm(self.dtype, "ln_out")(x)
         logits = layers.dense(self.vocab_size, ("embed", "vocab"), self.dtype, "to_vocab")(x)
         return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
@@ -157,6 +161,7 @@ class TextEncoder(nn.Module):
     dtype: layers.Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    numerics: layers.Numerics = layers.Numerics()
 
     @nn.compact
     def __call__(self, tokens):
@@ -170,9 +175,16 @@ class TextEncoder(nn.Module):
         x = embed(tokens).astype(self.dtype) + pos.astype(self.dtype)
         causal = self.pool == "eot"
         x = layers.Transformer(
-            self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, remat=self.remat, scan=self.scan, name="encoder"
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan=self.scan,
+            numerics=self.numerics,
+            name="encoder",
         )(x, causal_mask(length) if causal else None)
-        x = layers.LayerNorm(self.dtype, name="ln_out")(x)
+        x = self.numerics.layer_norm(self.dtype, "ln_out")(x)
         if causal:
             positions = jnp.arange(length)[None, :]
             eot = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=1)

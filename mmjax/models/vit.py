@@ -61,6 +61,7 @@ class ViT(nn.Module):
     scan: bool = False
     image_mean: tuple = (0.5, 0.5, 0.5)  # in [0, 1] units; (0.5, 0.5) maps pixels to [-1, 1]
     image_std: tuple = (0.5, 0.5, 0.5)
+    numerics: layers.Numerics = layers.Numerics()  # LayerNorm ε, MLP activation
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -81,9 +82,16 @@ class ViT(nn.Module):
         if train and self.patch_dropout > 0:
             x = patch_dropout(x, self.patch_dropout, self.make_rng("dropout"), num_prefix=int(self.class_token))
         if self.pre_norm:
-            x = layers.LayerNorm(self.dtype, name="ln_pre")(x)
+            x = self.numerics.layer_norm(self.dtype, "ln_pre")(x)
         x = layers.Transformer(
-            self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, remat=self.remat, scan=self.scan, name="encoder"
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan=self.scan,
+            numerics=self.numerics,
+            name="encoder",
         )(x)
-        x = layers.LayerNorm(self.dtype, name="ln_out")(x)
+        x = self.numerics.layer_norm(self.dtype, "ln_out")(x)
         return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
