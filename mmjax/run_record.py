@@ -1,8 +1,10 @@
 """The run record: what a workdir says about the run that made it, and the check at resume.
 
-A workdir holds `config.json` and `tokenizer.model` (the SentencePiece model the run
-tokenized with, trained or given): with a checkpoint, that is all `load` needs to rebuild
-the exact model (mmjax.evaluate, mmjax.predict).
+A workdir holds `config.json` and the tokenizer the run tokenized with: `tokenizer.model`
+(a SentencePiece model, trained or given) or, for data.tokenizer="clip_bpe[:PATH]",
+`clip_bpe_vocab.txt.gz` (a copy of the CLIP BPE vocabulary; the recorded data.tokenizer says
+which kind to read). With a checkpoint, that is all `load` needs to rebuild the exact model
+(mmjax.evaluate, mmjax.predict).
 
 Format: `workdir/config.json` is the resolved config (`config.to_dict()`) as one JSON
 object, indented by 2 spaces, keys sorted at every level, nesting as in the config
@@ -51,6 +53,13 @@ RESUMABLE = (
 
 _ABSENT = object()  # a key only one side has
 
+# Keys added after records were first written, with the value a run made before they existed
+# trained with: such a record is read as holding that value, so its run still resumes.
+IMPLIED_BEFORE_THEY_EXISTED = {
+    "model.layernorm_eps": 1e-6,
+    "model.mlp_activation": "gelu_tanh",
+}
+
 
 def _same_clip_stage(saved, now) -> bool:
     """mmjax.optim adds a clip_by_global_norm stage to the optimizer state only for a non-zero norm."""
@@ -74,10 +83,11 @@ def write(workdir: str, config, tokenizer=None) -> None:
     """Write the record (and the tokenizer's model, when given) through temporary files
     renamed over the old ones: a crash leaves the old file or the new one, never half a file."""
     _write_atomic(path(workdir), (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode())
-    if tokenizer is not None:
-        tokenizer_path = os.path.join(workdir, TOKENIZER)
-        if not os.path.exists(tokenizer_path) or _read_bytes(tokenizer_path) != tokenizer.proto:
-            _write_atomic(tokenizer_path, tokenizer.proto)
+    if tokenizer is not None:  # its files: tokenizer.model, or clip_bpe_vocab.txt.gz
+        for name, data in tokenizer.workdir_files().items():
+            tokenizer_path = os.path.join(workdir, name)
+            if not os.path.exists(tokenizer_path) or _read_bytes(tokenizer_path) != data:
+                _write_atomic(tokenizer_path, data)
 
 
 def _read_bytes(file: str) -> bytes:
@@ -104,7 +114,7 @@ def load(workdir: str):
     model. UserError, naming what is missing, when the workdir lacks either."""
     import ml_collections
 
-    from mmjax.data import tokenizer as tokenizer_lib
+    from mmjax.data import clip_bpe, tokenizer as tokenizer_lib
 
     if not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
@@ -112,6 +122,9 @@ def load(workdir: str):
     if record is None:
         raise UserError(f"{path(workdir)} not found: {workdir} is not a training run's workdir (the trainer writes "
                         "config.json when it starts); pass the --workdir of a run")
+    spec = record.get("data", {}).get("tokenizer") or ""
+    if clip_bpe.is_spec(spec):  # the workdir's copy of the vocabulary, not the recorded path
+        return ml_collections.ConfigDict(record), clip_bpe.load_workdir(workdir)
     tokenizer_path = os.path.join(workdir, TOKENIZER)
     if not os.path.exists(tokenizer_path):
         raise UserError(f"{tokenizer_path} not found: the run's tokenizer is missing; copy the SentencePiece model "
@@ -136,7 +149,7 @@ def check_resume(saved: dict, config, saved_step: int) -> list[str]:
     Raises ConfigError naming every changed key the checkpoint cannot survive; returns the
     note lines (possibly none) for the trainer to print.
     """
-    old, new = _flatten(saved), _flatten(as_record(config))
+    old, new = {**IMPLIED_BEFORE_THEY_EXISTED, **_flatten(saved)}, _flatten(as_record(config))
     pairs = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in {**old, **new}}
     changed = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
     breaking = [f"{k}: saved {_short(a)}, now {_short(b)}" for k, (a, b) in changed.items() if not _resumable(k, a, b)]

@@ -113,6 +113,14 @@ def test_keys_only_one_side_has_are_classified_like_any_other():
         run_record.check_resume(record, coca(), saved_step=250)
 
 
+def test_a_record_from_before_a_model_option_existed_resumes_with_its_old_value():
+    record = saved()
+    del record["model"]["layernorm_eps"], record["model"]["mlp_activation"]
+    assert run_record.check_resume(record, coca(), saved_step=250) == []
+    with pytest.raises(ConfigError, match=r"model\.mlp_activation: saved 'gelu_tanh', now 'gelu'"):
+        run_record.check_resume(record, coca(**{"model.mlp_activation": "gelu"}), saved_step=250)
+
+
 @pytest.mark.parametrize("crashing", ["fsync", "replace"])  # mid-write, or before the rename
 def test_an_interrupted_write_keeps_the_old_record(tmp_path, monkeypatch, crashing):
     workdir = str(tmp_path)
