@@ -18,6 +18,8 @@ setup(
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",
         "sentencepiece>=0.2",
+        "ftfy",  # data.tokenizer=clip_bpe cleans text as open_clip does (ids differ without it)
+        "regex",  # data.tokenizer=clip_bpe: CLIP's \p{L} word pattern
         "ml-collections>=1.0",
         "chex>=0.1.90",
         "numpy>=1.26",
@@ -33,5 +35,9 @@ setup(
     extras_require={
         "fast": ["simplejpeg"],  # faster JPEG decoding on the host (Pillow otherwise)
         "test": ["pytest>=8", "pytest-xdist", "simplejpeg"],
+        # open_clip for the tokenizer parity test (tests/test_clip_tokenizer.py skips without it). Not in
+        # `test`: it pulls torch, torchvision and timm, and PyPI's Linux torch is a multi-GB CUDA build; install
+        # torch from https://download.pytorch.org/whl/cpu first.
+        "interop": ["open_clip_torch"],
     },
 )

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import validation
-from mmjax.data import preprocess, skips, sources, tokenizer as tokenizer_lib
+from mmjax.data import clip_bpe, preprocess, skips, sources, tokenizer as tokenizer_lib
 from mmjax.data.sources.base import RandomAccessSource
 from mmjax.errors import UserError
 
@@ -342,9 +342,12 @@ def tokenizer_texts(spec: str, data_cfg, max_texts: int) -> list[str]:
     return texts[:max_texts]
 
 
-def make_tokenizer(data_cfg, cache_path: str) -> tokenizer_lib.Tokenizer:
-    """data.tokenizer's SentencePiece file, or one trained on the training captions and cached
-    at `cache_path` (the workdir's tokenizer.model)."""
+def make_tokenizer(data_cfg, cache_path: str) -> tokenizer_lib.TextTokenizer:
+    """data.tokenizer: "clip_bpe" (open_clip's CLIP BPE vocabulary) or "clip_bpe:PATH" (that
+    vocabulary file), a SentencePiece file, or "" for one trained on the training captions and
+    cached at `cache_path` (the workdir's tokenizer.model)."""
+    if clip_bpe.is_spec(data_cfg.tokenizer):
+        return clip_bpe.load(data_cfg.tokenizer)
     if data_cfg.tokenizer:
         return tokenizer_lib.load(data_cfg.tokenizer)
     texts = lambda: tokenizer_texts(data_cfg.train, data_cfg, data_cfg.tokenizer_max_texts)

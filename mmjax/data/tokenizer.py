@@ -1,12 +1,17 @@
-"""SentencePiece tokenizer: fixed-length int32 rows of BOS, pieces, EOS, PAD.
+"""Tokenizers: fixed-length int32 rows of BOS, pieces, EOS, PAD.
 
-Either a user's model file (`load`), or one trained in-process from the training captions
-(seconds) and cached at a path, so every run and every host reuses the same vocabulary.
-Special ids come from the model; one it lacks (many models have no PAD or no BOS piece)
-gets an id after the model's pieces, so the embedding table is that much larger.
+`TextTokenizer` is what the trainer, evaluators and predict use; two kinds implement it:
+SentencePiece (`Tokenizer`, here) and open_clip's CLIP BPE (mmjax.data.clip_bpe), chosen by
+`data.tokenizer` in mmjax.data.pipeline.make_tokenizer.
+
+SentencePiece: either a user's model file (`load`), or one trained in-process from the
+training captions (seconds) and cached at a path, so every run and every host reuses the same
+vocabulary. Special ids come from the model; one it lacks (many models have no PAD or no BOS
+piece) gets an id after the model's pieces, so the embedding table is that much larger.
 """
 from __future__ import annotations
 
+import abc
 import io
 import os
 import tempfile
@@ -22,8 +27,45 @@ from mmjax.errors import UserError
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-class Tokenizer:
-    """Thin wrapper over a SentencePieceProcessor with fixed-length batch encoding."""
+class TextTokenizer(abc.ABC):
+    """Texts <-> int32 rows [BOS, pieces, EOS, PAD, ...] of a fixed length.
+
+    vocab_size: the embedding table's rows (every id is below it); pad_id, bos_id, eos_id.
+    """
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    @abc.abstractmethod
+    def encode(self, texts: Sequence[str], length: int) -> np.ndarray:
+        """int32 [N, length]; a text too long keeps its first length - 2 pieces and ends with EOS."""
+
+    @abc.abstractmethod
+    def decode(self, ids) -> list[str]:
+        """Per row: the text up to the first EOS."""
+
+    @abc.abstractmethod
+    def workdir_files(self) -> dict[str, bytes]:
+        """File name -> bytes: what a workdir keeps to rebuild this tokenizer (mmjax.run_record)."""
+
+
+def pack(pieces: Sequence[Sequence[int]], length: int, bos_id: int, eos_id: int, pad_id: int) -> np.ndarray:
+    """int32 [N, length] rows BOS, pieces (the first length - 2 at most), EOS, PAD..."""
+    if length < 2:
+        raise ValueError(f"length must leave room for BOS and EOS, got {length}")
+    out = np.full((len(pieces), length), pad_id, np.int32)
+    for row, ids in zip(out, pieces):
+        ids = [bos_id, *ids[: length - 2], eos_id]
+        row[: len(ids)] = ids
+    return out
+
+
+class Tokenizer(TextTokenizer):
+    """SentencePiece: a thin wrapper over a SentencePieceProcessor with fixed-length batch encoding."""
+
+    WORKDIR_FILE = "tokenizer.model"  # the workdir's copy of the model (mmjax.run_record)
 
     def __init__(self, model_proto: bytes):
         self.proto = model_proto  # the serialized model: what a workdir keeps (mmjax.run_record)
@@ -37,17 +79,13 @@ class Tokenizer:
         self.vocab_size += 1  # the model has no such piece: take the next free id
         return self.vocab_size - 1
 
+    def workdir_files(self) -> dict[str, bytes]:
+        return {self.WORKDIR_FILE: self.proto}
+
     def encode(self, texts: Sequence[str], length: int) -> np.ndarray:
         """int32 [N, length]; pieces are truncated so that EOS always fits."""
-        if length < 2:
-            raise ValueError(f"length must leave room for BOS and EOS, got {length}")
-        out = np.full((len(texts), length), self.pad_id, np.int32)
         # One call per string: sentencepiece's list path costs ~20x more per text.
-        for row, text in zip(out, texts):
-            pieces = self.sp.encode(text)
-            ids = [self.bos_id, *pieces[: length - 2], self.eos_id]
-            row[: len(ids)] = ids
-        return out
+        return pack([self.sp.encode(text) for text in texts], length, self.bos_id, self.eos_id, self.pad_id)
 
     def decode(self, ids) -> list[str]:
         """Per row: text up to the first EOS, with BOS and PAD dropped."""
@@ -88,7 +126,7 @@ def load(model_path: str) -> Tokenizer:
     except OSError as e:
         raise UserError(
             f"tokenizer file {model_path!r} cannot be read ({e.strerror}); give --config.data.tokenizer=<a SentencePiece "
-            ".model file>, or leave it empty to train one on the training captions"
+            ".model file>, clip_bpe for open_clip's CLIP BPE, or leave it empty to train one on the training captions"
         ) from e
     try:
         return Tokenizer(proto)
