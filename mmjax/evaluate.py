@@ -2,7 +2,7 @@
 
     python -m mmjax.evaluate --workdir=DIR [--step=N] [--evals=name,...] [--config.evals.X...]
 
-Rebuilds the model from the workdir alone (config.json, tokenizer.model, checkpoints/; only
+Rebuilds the model from the workdir alone (config.json, the tokenizer's file, checkpoints/; only
 the parameters are read), runs config.evals (or the ones named), prints a table and adds the
 results to DIR/eval_<step>.json. On the same checkpoint and data the numbers are the trainer's.
 

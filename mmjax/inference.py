@@ -1,4 +1,4 @@
-"""A trained model rebuilt from its workdir alone: config.json, tokenizer.model and a checkpoint.
+"""A trained model rebuilt from its workdir alone: config.json, the tokenizer's file and a checkpoint.
 
     run = inference.load("runs/coca")            # latest step; params only, no optimizer state
     run.model.apply({"params": run.params}, ...)

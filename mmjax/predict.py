@@ -4,7 +4,7 @@
     python -m mmjax.predict --workdir=runs/coca --images a.jpg --caption [--beam 4]
     python -m mmjax.predict --workdir=runs/clip --images a.jpg --texts "a cat" "a dog" --embed out.npz
 
-Rebuilds the model from the workdir (config.json, tokenizer.model, the latest or --step
+Rebuilds the model from the workdir (config.json, the tokenizer's file, the latest or --step
 checkpoint; parameters only) and runs on whatever device jax finds, a laptop CPU included.
 Zero-shot probabilities follow the run's loss: a softmax over the labels (CLIP loss) or an
 independent sigmoid per label (SigLIP). An image that cannot be read is named on stderr and

@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from mmjax import models, optim
-from mmjax.data import preprocess, sources
+from mmjax.data import clip_bpe, preprocess, sources
 from mmjax.errors import ConfigError, UserError
 from mmjax.models import clip, layers, text, towers
 from mmjax.objectives import contrastive
@@ -169,12 +169,19 @@ def source(mixture: bool) -> Check:
 
 
 def tokenizer_file(key, value) -> None:
-    """As pipeline.make_tokenizer reads it: "" trains one, anything else is a model file."""
+    """As pipeline.make_tokenizer reads it: "" trains one, "clip_bpe[:PATH]" is open_clip's CLIP BPE
+    vocabulary (the installed open_clip's, or PATH), anything else is a SentencePiece model file."""
     string(key, value)
+    if clip_bpe.is_spec(value):
+        try:
+            clip_bpe.vocab_path(value)
+        except UserError as e:
+            raise ConfigError(f"{key}={value!r}: {e}") from None
+        return
     if value and not os.path.isfile(os.path.expanduser(value)):
         raise ConfigError(
-            f"{key}={value!r} is not a file; set --config.{key} to a SentencePiece .model file, "
-            "or to '' to train one on the training captions"
+            f"{key}={value!r} is not a file; set --config.{key} to a SentencePiece .model file, to 'clip_bpe' "
+            "(open_clip's CLIP BPE), or to '' to train one on the training captions"
         )
 
 
