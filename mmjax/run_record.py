@@ -54,7 +54,8 @@ RESUMABLE = (
 _ABSENT = object()  # a key only one side has
 
 # Keys added after records were first written, with the value a run made before they existed
-# trained with: such a record is read as holding that value, so its run still resumes.
+# trained with (and a config without them builds): such a record is read as holding that
+# value, so its run still resumes.
 IMPLIED_BEFORE_THEY_EXISTED = {
     "model.layernorm_eps": 1e-6,
     "model.mlp_activation": "gelu_tanh",
@@ -149,7 +150,9 @@ def check_resume(saved: dict, config, saved_step: int) -> list[str]:
     Raises ConfigError naming every changed key the checkpoint cannot survive; returns the
     note lines (possibly none) for the trainer to print.
     """
-    old, new = {**IMPLIED_BEFORE_THEY_EXISTED, **_flatten(saved)}, _flatten(as_record(config))
+    # A key either side lacks means its implied value (mmjax.models reads a missing one the same way).
+    old = {**IMPLIED_BEFORE_THEY_EXISTED, **_flatten(saved)}
+    new = {**IMPLIED_BEFORE_THEY_EXISTED, **_flatten(as_record(config))}
     pairs = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in {**old, **new}}
     changed = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
     breaking = [f"{k}: saved {_short(a)}, now {_short(b)}" for k, (a, b) in changed.items() if not _resumable(k, a, b)]
