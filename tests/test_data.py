@@ -14,6 +14,7 @@ from mmjax.configs import load_config
 from mmjax.data import pipeline, shapes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.errors import UserError
+from mmjax.evals import datasets
 from tests.helpers import assert_batches_equal, take
 
 # grain's worker processes read absl flags.
@@ -227,33 +228,26 @@ def test_worker_processes_give_the_same_batches(cfg, tok):
     it.close()
 
 
-def eval_subset(cfg, tok, n):
-    cfg = cfg.copy_and_resolve_references()
-    cfg.num_eval = n
-    return pipeline.eval_set(cfg, tok)
+def test_eval_set(cfg):
+    ev = datasets.load("shapes:eval", cfg, limit=32)
+    assert ev.images.shape == (32, 32, 32, 3) and ev.images.dtype == np.uint8 and ev.labels.dtype == np.int32
+    assert ev.texts == [shapes.ShapesSource("eval", 32)[i]["caption"] for i in range(32)]
+    assert ev.images[0].tobytes() == shapes.ShapesSource("eval", 32)[0]["image"].tobytes()
+    assert ev.prompts[5] == shapes.zeroshot_prompts(5)
 
 
-def test_eval_set(cfg, tok):
-    ev = eval_subset(cfg, tok, 32)
-    assert ev["image"].shape == (32, 32, 32, 3) and ev["image"].dtype == np.uint8
-    assert ev["tokens"].shape == (32, cfg.text_len) and ev["label"].dtype == np.int32
-    assert tok.decode(ev["tokens"]) == ev["caption"].tolist()
-    assert ev["image"][0].tobytes() == shapes.ShapesSource("eval", 32)[0]["image"].tobytes()
-    assert ev["zeroshot_prompts"][5] == shapes.zeroshot_prompts(5)
-
-
-def test_unknown_scheme_names_valid_ones(cfg, tok):
-    bad = cfg.copy_and_resolve_references()
-    bad.eval = "laion:/data"
+def test_unknown_scheme_names_valid_ones(cfg):
     with pytest.raises(UserError, match="'laion'.*shapes:.*csv:"):
-        pipeline.eval_set(bad, tok)
+        datasets.load("laion:/data", cfg)
 
 
 def test_to_global_on_8_devices(cfg, tok):
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, P("data"))
-    local = {k: v for k, v in eval_subset(cfg, tok, 16).items() if k in ("image", "tokens", "label", "caption")}
+    ev = datasets.load("shapes:eval", cfg, limit=16)
+    local = {"image": ev.images, "tokens": tok.encode(ev.texts, cfg.text_len), "label": ev.labels,
+             "caption": np.array(ev.texts)}
     out = pipeline.to_global(local, sharding)
     assert out.keys() == {"image", "tokens", "label"}  # the caption strings are dropped
     assert out["image"].shape == (16, 32, 32, 3) and out["tokens"].shape == (16, cfg.text_len)

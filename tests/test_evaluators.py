@@ -1,6 +1,7 @@
 """config.evals: evaluators take prediction functions (here fakes with known answers), read
 their splits grouped by image, and the sharded prediction functions count a tail once."""
 import csv
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -177,3 +178,15 @@ def test_an_uneven_tail_counts_once_on_one_device_and_on_eight():
     direct = model.apply({"params": params}, images, method=model.encode_image)[0]
     np.testing.assert_allclose(outputs[0][0], direct, rtol=1e-5, atol=1e-6)
 
+
+
+def test_a_shared_split_is_embedded_once_per_round():
+    split = eval_set([0, 1, 2, 2], ["a", "b", "c", "c"], [0, 1, 2, 3], class_names=["a", "b", "c"])
+    context = FixedContext(split)
+    scheduled = [evals.Scheduled(kind, evals.entry(kind), evals.module(kind).Evaluator(kind, evals.entry(kind), context), 1)
+                 for kind in ("zeroshot", "retrieval")]
+    calls = []
+    predict = fake_predictions(lambda i: one_hot(i), lambda t: one_hot("abc".index(t[-2] if len(t) > 1 else t)))
+    counted = dataclasses.replace(predict, embed_images=lambda images: calls.append(1) or predict.embed_images(images))
+    evals.run(scheduled, counted, step=1, final=False, workdir=None)
+    assert len(calls) == 1

@@ -272,19 +272,7 @@ def _all_gather_strings(text: str) -> list[str]:
     return [bytes(row[:n]).decode() for row, n in zip(gathered, lengths)]
 
 
-# --- held-out data and tokenizer --------------------------------------------------------
-
-def _eval_example(raw: dict, data_cfg):
-    if raw["skip"]:
-        return None
-    try:
-        image = preprocess.decode_image(
-            raw["image"], min_size=data_cfg.image_size, decoder=data_cfg.decoder, max_pixels=data_cfg.max_image_pixels
-        )
-        return preprocess.eval_image(image, data_cfg.image_size), preprocess.caption_text(raw["captions"], None), raw["label"]
-    except preprocess.Skip:
-        return None
-
+# --- evaluation records and tokenizer --------------------------------------------------------
 
 def first_records(source, limit: int):
     """The first `limit` raw records in file order (random access: by index; streams: shard by shard)."""
@@ -298,31 +286,6 @@ def first_records(source, limit: int):
                 return
             count += 1
             yield raw
-
-
-def eval_set(data_cfg, tokenizer: tokenizer_lib.Tokenizer) -> dict:
-    """The held-out split (the first data.num_eval usable records of data.eval) as whole arrays
-    (image, tokens, label, caption), with the source's class names and zero-shot prompts."""
-    source = sources.open_source(data_cfg.eval, data_cfg)
-    ds = grain.MapDataset.source(list(first_records(source, data_cfg.num_eval)))
-    ds = ds.map(functools.partial(_eval_example, data_cfg=data_cfg)).to_iter_dataset(
-        grain.ReadOptions(num_threads=4, prefetch_buffer_size=16))
-    examples = [e for e in ds if e is not None]
-    if not examples:
-        raise UserError(f"data.eval {data_cfg.eval!r} has no usable records; point --config.data.eval at a held-out split")
-    images, captions, labels = zip(*examples)
-    class_names = getattr(source, "class_names", None)
-    prompts = getattr(source, "zeroshot_prompts", None)
-    if prompts is None and class_names:
-        prompts = [[f"a photo of a {name}."] for name in class_names]
-    return {
-        "image": np.stack(images),
-        "tokens": tokenizer.encode(captions, data_cfg.text_len),
-        "label": np.array(labels, np.int32),
-        "caption": np.array(captions),
-        "class_names": class_names,
-        "zeroshot_prompts": prompts,
-    }
 
 
 def tokenizer_texts(spec: str, data_cfg, max_texts: int) -> list[str]:

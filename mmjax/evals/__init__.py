@@ -11,6 +11,7 @@ data.num_eval records), every 0 is eval_every, limit 0 is the whole split.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -133,6 +134,7 @@ def build(config, has_decoder: bool, names=None, log=print) -> list[Scheduled]:
 def run(scheduled: list[Scheduled], predictions, step: int, final: bool, workdir: str | None) -> dict[str, float]:
     """Run the evaluators due at `step`; -> {prefixed metric: value}. Pictures go to `workdir`."""
     results = {}
+    predictions = _images_embedded_once(predictions)
     for s in scheduled:
         if not s.due(step, final):
             continue
@@ -141,6 +143,19 @@ def run(scheduled: list[Scheduled], predictions, step: int, final: bool, workdir
         if workdir and hasattr(s.evaluator, "draw"):
             s.evaluator.draw(os.path.join(workdir, f"eval_{s.name}.png"))
     return results
+
+
+def _images_embedded_once(predictions):
+    """Evaluators sharing a split (zero-shot and retrieval on data.eval) get its image embeddings
+    computed once per round."""
+    done = {}  # id(images) -> (images, embeddings); holding images keeps the id theirs
+
+    def embed_images(images):
+        if id(images) not in done:
+            done[id(images)] = images, predictions.embed_images(images)
+        return done[id(images)][1]
+
+    return dataclasses.replace(predictions, embed_images=embed_images)
 
 
 def chance(scheduled: list[Scheduled]) -> dict[str, float]:

@@ -41,14 +41,10 @@ class Evaluator:
             raise Unavailable("every class needs the same number of prompts")
 
     def run(self, predict) -> dict[str, float]:
-        per_class = len(self.prompts[0])
         prompt_emb = predict.embed_texts([p for class_prompts in self.prompts for p in class_prompts])
-        image_emb = predict.embed_images(self.data.images)
-        if self.options.protocol == "clip":
-            classes = zeroshot.class_embeddings(prompt_emb.reshape(self.num_classes, per_class, -1))
-            scores = image_emb @ classes.T
-        else:
-            scores = zeroshot.class_log_probs(image_emb, prompt_emb, per_class, predict.logit_scale)
+        scores = zeroshot.class_scores(predict.embed_images(self.data.images),
+                                       prompt_emb.reshape(self.num_classes, len(self.prompts[0]), -1),
+                                       self.options.protocol, predict.logit_scale)
         labels = self.data.labels
         results = {"top1": zeroshot.topk_accuracy(scores, labels, 1)}
         if self.num_classes > 5:
