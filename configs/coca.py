@@ -67,6 +67,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     # A step whose loss or gradient norm is not finite is skipped; this many in a row stop the run.
     c.max_nonfinite_steps = 5
+    # Fine-tune: a new run's parameters from a workdir or an OpenCLIP checkpoint file (step and
+    # optimizer fresh); include/exclude are regexes over parameter paths (README, "Fine-tune from
+    # weights"). Not "from": a Python keyword cannot be set as --config.init.from.
+    c.init = ml_collections.ConfigDict(dict(path="", include="", exclude=""))
 
     c.data = default_data_config()
     # The embedded scenes are rendered at image_size with objects near the edges: a random
