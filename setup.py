@@ -34,7 +34,8 @@ setup(
     ],
     extras_require={
         "fast": ["simplejpeg"],  # faster JPEG decoding on the host (Pillow otherwise)
-        "test": ["pytest>=8", "pytest-xdist", "simplejpeg"],
+        # nbclient, nbformat, ipykernel: tests/test_colab_notebook.py runs launch/colab.ipynb
+        "test": ["pytest>=8", "pytest-xdist", "simplejpeg", "nbclient", "nbformat", "ipykernel"],
         # open_clip for the tokenizer parity test (tests/test_clip_tokenizer.py skips without it). Not in
         # `test`: it pulls torch, torchvision and timm, and PyPI's Linux torch is a multi-GB CUDA build; install
         # torch from https://download.pytorch.org/whl/cpu first.
