@@ -8,6 +8,7 @@ Default: a small CoCa on the embedded shapes dataset, trained on a 2-core CPU in
 Paper sizes (Table 1), for accelerator pods; inspect them without allocating anything:
 
     python -m mmjax.tools.summary --config=configs/coca.py:base     # also :large, :giant
+    python -m mmjax.tools.summary --config=configs/coca.py:openclip_b32   # open_clip's coca_ViT-B-32 (and _l14)
     python -m mmjax.main --config=configs/coca.py:base --workdir=runs/coca_base
 
 Our reading of the paper for those variants:
@@ -42,7 +43,7 @@ from ml_collections.config_dict import placeholder
 from mmjax import evals
 from mmjax.data.pipeline import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, default_data_config
 
-VARIANTS = ("", "base", "large", "giant")
+VARIANTS = ("", "base", "large", "giant", "openclip_b32", "openclip_l14")
 
 # Table 1. One width for both towers; the text decoder is n_uni unimodal + n_multi multimodal layers.
 PAPER_SIZES = {
@@ -82,6 +83,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # activations; parameters, softmax and norms stay f32
     c.model.embed_dim = 128  # contrastive embedding
     c.model.caption_queries = 16  # the paper's 256 image tokens for the decoder, scaled down
+    # "paper": the paper's CoCa; "open_clip": open_clip's (mmjax.models.coca, docs/models.md).
+    c.model.coca_layout = "paper"
     # 2 heads of 64 dims: on CPU many small per-head matmuls cost more than they add here.
     c.model.vision = ml_collections.ConfigDict(dict(patch_size=4, width=128, depth=3, mlp_dim=512, heads=2))
     c.model.text = ml_collections.ConfigDict(
@@ -152,8 +155,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # steps and at the end. Add benchmarks as entries, e.g. in a config file:
     #   c.evals.cifar10 = evals.entry("zeroshot", data="tfds:cifar10:test", class_names="cifar10", templates="cifar")
     c.evals = evals.embedded_entries(has_decoder=True)
-    if variant:
+    if variant in PAPER_SIZES:
         paper_variant(c, PAPER_SIZES[variant])
+    elif variant:
+        open_clip_variant(c, OPEN_CLIP_SIZES[variant])
     return c
 
 
@@ -185,3 +190,34 @@ def paper_variant(c: ml_collections.ConfigDict, size: dict) -> None:
     c.optimizer.update(dict(learning_rate=8e-4, warmup_steps=10_000, b2=0.999, weight_decay=0.01))
     c.objective.block_size = 1024
     c.mesh.data, c.mesh.fsdp = 1, -1  # fully sharded data parallel over every device
+
+
+# open_clip's coca_ViT-B-32 / coca_ViT-L-14: embedding (= text width); vision width/layers/heads/patch; text heads.
+OPEN_CLIP_SIZES = {
+    "openclip_b32": dict(embed=512, vision_width=768, vision_depth=12, vision_heads=12, patch=32, text_heads=8),
+    "openclip_l14": dict(embed=768, vision_width=1024, vision_depth=24, vision_heads=16, patch=14, text_heads=12),
+}
+
+
+def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
+    """open_clip's CoCa architecture and numerics (model.coca_layout="open_clip", LayerNorm ε
+    1e-5, exact GELU, CLIP's pixel mean/std, 224 px, 76 text tokens + [CLS], vocabulary 49,408
+    for data.tokenizer=clip_bpe) with configs/clip.py's run settings (LAION-style); the
+    loss weights are open_clip's CoCa defaults (1·L_con + 2·L_cap, as the paper's)."""
+    e, w = size["embed"], size["vision_width"]
+    c.model.update(dict(dtype="bfloat16", embed_dim=e, caption_queries=256, vocab_size=49_408, coca_layout="open_clip"))
+    c.model.update(dict(layernorm_eps=1e-5, mlp_activation="gelu", image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD))
+    c.model.vision.update(
+        dict(patch_size=size["patch"], width=w, depth=size["vision_depth"], mlp_dim=4 * w, heads=size["vision_heads"])
+    )
+    c.model.text.update(dict(width=e, unimodal_depth=12, multimodal_depth=12, mlp_dim=4 * e, heads=size["text_heads"]))
+    c.model.scan_layers, c.model.remat = True, "dots"
+    c.data.image_size = 224
+    c.data.augment.crop = "random_resized"
+    c.data.text_len = 77  # BOS…EOS rows; the model reads all but the last: open_clip's 76 tokens (+ [CLS])
+    c.batch_size = 32_768
+    c.total_steps = 400_000
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
+    c.optimizer.update(dict(learning_rate=5e-4, warmup_steps=10_000, b2=0.98, eps=1e-6, weight_decay=0.2))
+    c.objective.block_size = 1024
+    c.mesh.data, c.mesh.fsdp = -1, 1

@@ -59,6 +59,7 @@ _ABSENT = object()  # a key only one side has
 IMPLIED_BEFORE_THEY_EXISTED = {
     "model.layernorm_eps": 1e-6,
     "model.mlp_activation": "gelu_tanh",
+    "model.coca_layout": "paper",  # CoCa only; a CLIP record has no such key either way
 }
 
 

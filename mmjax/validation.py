@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from mmjax import models, optim
 from mmjax.data import clip_bpe, preprocess, sources
 from mmjax.errors import ConfigError, UserError
-from mmjax.models import clip, layers, text, towers
+from mmjax.models import clip, coca, layers, text, towers
 from mmjax.objectives import contrastive
 from mmjax.parallel import sharding
 
@@ -257,6 +257,7 @@ RULES: dict[str, Check] = {
     "model.embed_dim": POSITIVE,
     "model.vocab_size": optional(POSITIVE, "the tokenizer's size"),
     "model.caption_queries": POSITIVE,
+    "model.coca_layout": one_of(coca.LAYOUTS),
     **{f"model.vision.{k}": POSITIVE for k in ("patch_size", "width", "depth", "mlp_dim", "heads")},
     **{
         f"model.text.{k}": POSITIVE

@@ -26,7 +26,7 @@ from tests.helpers import tiny_train_config, tiny_zoo_model
 VOCAB, PAD = 64, 0
 FAMILIES = ("configs/coca.py", "configs/clip.py", "configs/siglip.py")
 ZOO = (
-    [("configs/coca.py", v) for v in ("", "base", "large", "giant")]
+    [("configs/coca.py", v) for v in ("", "base", "large", "giant", "openclip_b32", "openclip_l14")]
     + [("configs/clip.py", v) for v in ("", "vit_b32", "vit_b16", "vit_l14")]
     + [("configs/siglip.py", v) for v in ("", "b16")]
 )
@@ -88,11 +88,17 @@ def test_every_config_builds_under_eval_shape(path, variant):
 
 
 @pytest.mark.parametrize(
-    "variant,published",
-    [("vit_b32", 151_277_313), ("vit_b16", 149_620_737), ("vit_l14", 427_616_513)],
+    "path,variant,published",
+    [
+        ("configs/clip.py", "vit_b32", 151_277_313),
+        ("configs/clip.py", "vit_b16", 149_620_737),
+        ("configs/clip.py", "vit_l14", 427_616_513),
+        ("configs/coca.py", "openclip_b32", 253_560_065),  # open_clip's coca_ViT-B-32
+        ("configs/coca.py", "openclip_l14", 638_450_177),  # coca_ViT-L-14
+    ],
 )
-def test_clip_parameter_counts_equal_open_clip(variant, published):
-    config = load_config("configs/clip.py", variant)
+def test_parameter_counts_equal_open_clip(path, variant, published):
+    config = load_config(path, variant)
     model = build_model(config.model, config.model.vocab_size, contrastive=config.objective.contrastive)
     assert count(summary.abstract_params(model, config)) == published
 

@@ -1,6 +1,6 @@
 """Model registry: config.model.name -> a Flax module built from the config.
 
-    coca   CoCa (mmjax.models.coca)
+    coca   CoCa (mmjax.models.coca); model.coca_layout "paper" or "open_clip" (open_clip's CoCa)
     clip   two towers (mmjax.models.clip): CLIP, or SigLIP with image_pool="map" and
            text_pool="last"
 
@@ -141,6 +141,7 @@ def build_model(model_cfg, vocab_size: int, pad_id: int = 0, *, contrastive: str
             unimodal_depth=t.unimodal_depth,
             multimodal_depth=t.multimodal_depth,
             caption_queries=model_cfg.caption_queries,
+            layout=model_cfg.get("coca_layout", "paper"),  # absent in runs from before open_clip's layout
             **common,
         )
     return CLIP(

@@ -11,6 +11,18 @@ attentional pooling ... n_query = 256 for the generative loss and n_query = 1 fo
 contrastive loss", and of its Figure 2 pseudocode, where both poolers take `img_feature`;
 open_clip calls this arrangement "parallel", as opposed to "cascade").
 
+layout="open_clip" reproduces open_clip's CoCa (coca_ViT-B-32, coca_ViT-L-14), whose weights
+are public; it differs from the paper's in four places (docs/models.md, "open_clip's CoCa"):
+  * the ViT is CLIP's (a [CLS] token, ln_pre, a bias-free patch embedding); its final
+    LayerNorm is what open_clip calls the pooler's ln_k;
+  * one pooler, not two: `caption_queries` queries of the embedding's width (a LayerNorm on
+    the queries, text_heads heads); query 0's output is the contrastive image feature, the
+    other caption_queries - 1 are the image tokens the decoder reads;
+  * each multimodal layer is a self-attention block and a cross-attention block, each with
+    its own MLP (layers.Block, cross_layout), and the context is normalised; the
+    vocabulary projection has no bias;
+  * the unimodal decoder's padding mask is open_clip's (text.UnimodalTextDecoder, key_mask).
+
 L_con is CLIP's softmax loss in the paper; with SigLIP's sigmoid loss instead, CoCa also
 learns SigLIP's bias b (`logit_bias_init`, set by mmjax.models.build_model).
 
@@ -33,10 +45,13 @@ from mmjax.models import layers, poolers, text, vit
 from mmjax.models.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, logit_outputs, logit_params
 
 
+LAYOUTS = ("paper", "open_clip")
+
+
 class CoCa(nn.Module):
     # Top-level parameters of each tower (parameter counts, LiT locking).
     towers: ClassVar[dict[str, tuple[str, ...]]] = {
-        "image": ("image_encoder", "contrastive_pooler", "caption_pooler", "image_proj"),
+        "image": ("image_encoder", "contrastive_pooler", "caption_pooler", "image_pooler", "image_proj"),
         "text": ("unimodal_decoder", "text_proj"),
         "decoder": ("multimodal_decoder",),
         "shared": ("logit_scale", "logit_bias"),
@@ -67,8 +82,12 @@ class CoCa(nn.Module):
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     numerics: layers.Numerics = layers.Numerics()  # every LayerNorm's ε and MLP's activation
+    layout: str = "paper"  # one of LAYOUTS
 
     def setup(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown CoCa layout {self.layout!r}; valid: {list(LAYOUTS)}")
+        open_clip = self.layout == "open_clip"
         self.image_encoder = vit.ViT(
             self.patch_size,
             self.vision_width,
@@ -76,6 +95,9 @@ class CoCa(nn.Module):
             self.vision_mlp_dim,
             self.vision_heads,
             self.dtype,
+            class_token=open_clip,
+            patch_bias=not open_clip,
+            pre_norm=open_clip,
             patch_dropout=self.patch_dropout,
             image_mean=self.image_mean,
             image_std=self.image_std,
@@ -83,10 +105,15 @@ class CoCa(nn.Module):
             scan=self.scan_layers,
             numerics=self.numerics,
         )
-        self.contrastive_pooler = poolers.AttentionalPooler(1, self.vision_heads, self.dtype, self.numerics)
-        self.caption_pooler = poolers.AttentionalPooler(
-            self.caption_queries, self.vision_heads, self.dtype, self.numerics
-        )
+        if open_clip:
+            self.image_pooler = poolers.AttentionalPooler(
+                self.caption_queries, self.text_heads, self.dtype, self.numerics, self.embed_dim, query_norm=True
+            )
+        else:
+            self.contrastive_pooler = poolers.AttentionalPooler(1, self.vision_heads, self.dtype, self.numerics)
+            self.caption_pooler = poolers.AttentionalPooler(
+                self.caption_queries, self.vision_heads, self.dtype, self.numerics
+            )
         self.image_projection = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "image_proj", False)
         self.unimodal_decoder = text.UnimodalTextDecoder(
             self.vocab_size,
@@ -99,6 +126,7 @@ class CoCa(nn.Module):
             self.remat,
             self.scan_layers,
             self.numerics,
+            key_mask="open_clip" if open_clip else "text",
         )
         self.text_projection = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "text_proj", False)
         self.multimodal_decoder = text.MultimodalTextDecoder(
@@ -110,15 +138,19 @@ class CoCa(nn.Module):
             self.remat,
             self.scan_layers,
             self.numerics,
+            self.layout,
         )
         self.logit_scale, self.logit_bias = logit_params(self)
 
     def encode_image(self, images, train: bool = False):
         """-> (L2-normalised image embedding [B, embed_dim] f32, caption tokens [B, n, width])."""
         tokens = self.image_encoder(images, train)
-        pooled = self.contrastive_pooler(tokens)[:, 0]
-        embedding = layers.l2_normalize(self.image_projection(pooled))
-        return embedding, self.caption_pooler(tokens)
+        if self.layout == "open_clip":  # one pooler: query 0 for the contrastive loss, the rest for captions
+            pooled = self.image_pooler(tokens)
+            pooled, caption_tokens = pooled[:, 0], pooled[:, 1:]
+        else:
+            pooled, caption_tokens = self.contrastive_pooler(tokens)[:, 0], self.caption_pooler(tokens)
+        return layers.l2_normalize(self.image_projection(pooled)), caption_tokens
 
     def encode_text(self, tokens):
         """-> (L2-normalised text embedding [B, embed_dim] f32, unimodal token features)."""

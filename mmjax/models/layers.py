@@ -214,8 +214,16 @@ class Mlp(nn.Module):
         )(h)
 
 
+# Where a decoder layer's cross-attention sits (Block.cross_layout).
+CROSS_LAYOUTS = ("paper", "open_clip")
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x += Attn(LN x); [x += CrossAttn(LN x, ctx)]; x += MLP(LN x).
+
+    cross_layout="open_clip" (open_clip's CoCa decoder layer, two blocks in one): a whole
+    self-attention block, then a whole cross-attention block that also normalises the context:
+      x += Attn(LN x); x += MLP(LN x); x += CrossAttn(LN x, LN ctx); x += MLP'(LN x).
 
     Decoding: `cache_index` goes to the self-attention; `context=None` makes the
     cross-attention use its cached keys/values (see Attention).
@@ -227,17 +235,22 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     kv_cache: bool = False
     numerics: Numerics = Numerics()
+    cross_layout: str = "paper"  # one of CROSS_LAYOUTS
 
     @nn.compact
     def __call__(self, x, mask=None, context=None, cache_index=None):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        h = self.numerics.layer_norm(self.dtype, "ln_attn")(x)
+        norm = lambda name, y: self.numerics.layer_norm(self.dtype, name)(y)
+        h = norm("ln_attn", x)
         x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="attn")(h, h, mask, cache_index)
+        if self.cross_attention and self.cross_layout == "open_clip":
+            x = x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(norm("ln_mlp", x))
+            context = None if context is None else norm("ln_context", context)  # None: cached keys/values
+            x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="cross_attn")(norm("ln_cross", x), context)
+            return x + self.numerics.mlp(self.mlp_dim, self.dtype, "cross_mlp")(norm("ln_cross_mlp", x))
         if self.cross_attention:
-            h = self.numerics.layer_norm(self.dtype, "ln_cross")(x)
-            x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="cross_attn")(h, context)
-        h = self.numerics.layer_norm(self.dtype, "ln_mlp")(x)
-        return x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(h)
+            x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="cross_attn")(norm("ln_cross", x), context)
+        return x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(norm("ln_mlp", x))
 
 
 # Rematerialisation per block: which intermediates the backward pass may keep instead of
@@ -262,6 +275,7 @@ class Transformer(nn.Module):
     kv_cache: the blocks keep a decoding cache (see the module docstring); `cache_index`: a
       decoding step (see Attention); None: an ordinary (or prefill) pass.
     numerics: every block's LayerNorm ε and MLP activation (see Numerics).
+    cross_layout: where a cross-attending block's cross-attention sits (see Block).
     """
 
     depth: int
@@ -273,17 +287,27 @@ class Transformer(nn.Module):
     scan: bool = False
     kv_cache: bool = False
     numerics: Numerics = Numerics()
+    cross_layout: str = "paper"
 
     @nn.compact
     def __call__(self, x, mask=None, context=None, cache_index=None):
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {list(REMAT_CHOICES)}")
+        if self.cross_layout not in CROSS_LAYOUTS:
+            raise ValueError(f"unknown cross_layout {self.cross_layout!r}; valid: {list(CROSS_LAYOUTS)}")
         block = Block
         if self.remat != "none":
             # Under scan, CSE across iterations cannot happen: no need for its barrier.
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         make = lambda name: block(
-            self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, self.kv_cache, self.numerics, name=name
+            self.num_heads,
+            self.mlp_dim,
+            self.cross_attention,
+            self.dtype,
+            self.kv_cache,
+            self.numerics,
+            self.cross_layout,
+            name=name,
         )
         if not self.scan:
             for i in range(self.depth):

@@ -31,11 +31,19 @@ def token_embedding(vocab_size: int, width: int) -> nn.Embed:
     )
 
 
+# Which keys the unimodal decoder's queries may see (besides causality): "text" (the text
+# tokens and the [CLS]) or "open_clip" (the row open_clip's CoCa weights learned; see below).
+KEY_MASKS = ("text", "open_clip")
+
+
 class UnimodalTextDecoder(nn.Module):
     """tokens [B, L] -> (token features [B, L, width], [CLS] feature [B, width]).
 
     The [CLS] token sits at position L: causally it sees every text token; padding keys are
     masked so the embedding does not depend on how much padding follows the text.
+    key_mask="open_clip" is the mask open_clip's released CoCa weights were trained with (its
+    `correct_cls_mask=False`): the validity row is shifted one position right, so the [CLS]
+    sees the text and the first PAD position but not itself (and a PAD query one more PAD).
 
     Decoding cache (see mmjax.models.layers): a prefill (mutable "cache") also stores the
     key-validity row "cache"/"key_valid" [B, L + 1] (tokens != pad, then the [CLS] slot).
@@ -54,6 +62,7 @@ class UnimodalTextDecoder(nn.Module):
     remat: str = "none"
     scan: bool = False
     numerics: layers.Numerics = layers.Numerics()
+    key_mask: str = "text"  # one of KEY_MASKS
 
     def _pos_embedding(self, positions: int):
         init = layers.param_init(nn.initializers.normal(0.01), ("length", "embed"))
@@ -80,7 +89,9 @@ class UnimodalTextDecoder(nn.Module):
             key_valid = self.get_variable("cache", "key_valid")
             if key_valid is None:
                 raise ValueError("no decoding cache: prefill it first (apply with mutable=['cache'])")
-            key_valid = jax.lax.dynamic_update_slice(key_valid, tokens != self.pad_id, (0, cache_index))
+            # open_clip's mask: position i's validity is token i-1's, and a decoded token is never PAD.
+            valid = tokens != self.pad_id if self.key_mask == "text" else jnp.ones_like(tokens, bool)
+            key_valid = jax.lax.dynamic_update_slice(key_valid, valid, (0, cache_index))
             self.put_variable("cache", "key_valid", key_valid)
             # The table's full shape (L + 1 rows) comes from the cache: flax checks it.
             pos = jax.lax.dynamic_slice_in_dim(self._pos_embedding(key_valid.shape[1]), cache_index, length)
@@ -88,10 +99,13 @@ class UnimodalTextDecoder(nn.Module):
             return x, None
         x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.width))], axis=1)
         x = x + self._pos_embedding(length + 1).astype(self.dtype)
-        key_is_text = jnp.concatenate([tokens != self.pad_id, jnp.ones((batch, 1), bool)], axis=1)
+        if self.key_mask not in KEY_MASKS:
+            raise ValueError(f"unknown key_mask {self.key_mask!r}; valid: {list(KEY_MASKS)}")
+        is_text, cls_slot = tokens != self.pad_id, jnp.ones((batch, 1), bool)
+        key_valid = jnp.concatenate([is_text, cls_slot] if self.key_mask == "text" else [cls_slot, is_text], axis=1)
         if layers.caching(self):
-            self.put_variable("cache", "key_valid", key_is_text)
-        mask = causal_mask(length + 1) & key_is_text[:, None, None, :]
+            self.put_variable("cache", "key_valid", key_valid)
+        mask = causal_mask(length + 1) & key_valid[:, None, None, :]
         x = decoder(x, mask)
         cls_feature = self.numerics.layer_norm(self.dtype, "ln_cls")(x[:, -1])
         return x[:, :-1], cls_feature
@@ -104,6 +118,9 @@ class MultimodalTextDecoder(nn.Module):
     the image tokens' cross-attention keys/values. A step passes `cache_index` and features
     [B, 1, w]; image_tokens=None reuses the cached cross-attention keys/values, image tokens
     given are projected (and, the cache being mutable, stored) again.
+
+    layout="open_clip": open_clip's CoCa decoder layers (layers.Block, cross_layout) and a
+    vocabulary projection without bias.
     """
 
     vocab_size: int
@@ -114,6 +131,7 @@ class MultimodalTextDecoder(nn.Module):
     remat: str = "none"
     scan: bool = False
     numerics: layers.Numerics = layers.Numerics()
+    layout: str = "paper"  # one of layers.CROSS_LAYOUTS
 
     @nn.compact
     def __call__(self, text_features, image_tokens, cache_index=None):
@@ -130,10 +148,12 @@ class MultimodalTextDecoder(nn.Module):
             scan=self.scan,
             kv_cache=True,
             numerics=self.numerics,
+            cross_layout=self.layout,
             name="decoder",
         )(text_features, mask, image_tokens, cache_index)
         x = self.numerics.layer_norm(self.dtype, "ln_out")(x)
-        logits = layers.dense(self.vocab_size, ("embed", "vocab"), self.dtype, "to_vocab")(x)
+        to_vocab = layers.dense(self.vocab_size, ("embed", "vocab"), self.dtype, "to_vocab", self.layout == "paper")
+        logits = to_vocab(x)
         return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
