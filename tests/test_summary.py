@@ -46,8 +46,10 @@ def test_bad_config_flags_are_one_line_errors(args, expected):
     assert all(word in lines[0] for word in expected), lines[0]
 
 
-def abstract(path):
+def abstract(path, coca_layout="paper"):
     config = load_config(path)
+    if coca_layout != "paper":
+        config.model.coca_layout = coca_layout
     config.objective.impl = "dense"
     model = build_model(config.model, config.data.vocab_size, contrastive=config.objective.contrastive)
     return config, model, summary.abstract_params(model, config)
@@ -59,9 +61,12 @@ def abstract(path):
 TOLERANCE = (1.0, 1.05)
 
 
-@pytest.mark.parametrize("path", ["configs/coca.py", "configs/clip.py", "configs/siglip.py"])
-def test_forward_flops_match_xla_cost_analysis(path):
-    config, model, params = abstract(path)
+@pytest.mark.parametrize(
+    "path,coca_layout",
+    [("configs/coca.py", "paper"), ("configs/coca.py", "open_clip"), ("configs/clip.py", ""), ("configs/siglip.py", "")],
+)
+def test_forward_flops_match_xla_cost_analysis(path, coca_layout):
+    config, model, params = abstract(path, coca_layout or "paper")
     batch = 4
     images, tokens = summary.abstract_inputs(config, batch)
     forward = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t)).lower(params, images, tokens).compile()

@@ -32,21 +32,31 @@ def vit_flops(model_cfg, image_size: int, train: bool) -> tuple[int, int]:
     v = model_cfg.vision
     patches = (image_size // v.patch_size) ** 2
     kept = kept_patches(patches, model_cfg.patch_dropout) if train and model_cfg.patch_dropout else patches
-    class_token = model_cfg.name == "clip" and model_cfg.image_pool == "cls"
+    class_token = (model_cfg.name == "clip" and model_cfg.image_pool == "cls") or _open_clip_coca(model_cfg)
     tokens = kept + int(class_token)
     return 2 * patches * v.patch_size**2 * 3 * v.width + v.depth * block_flops(tokens, v.width, v.mlp_dim), tokens
 
 
+def _open_clip_coca(model_cfg) -> bool:
+    return model_cfg.name == "coca" and model_cfg.get("coca_layout", "paper") == "open_clip"
+
+
 def coca_forward_flops(model_cfg, image_size: int, text_len: int, vocab_size: int, train: bool = False) -> int:
     """Forward FLOPs of one image–text pair; `text_len` counts the model's input tokens."""
-    v, t = model_cfg.vision, model_cfg.text
+    v, t, queries, embed = model_cfg.vision, model_cfg.text, model_cfg.caption_queries, model_cfg.embed_dim
     image, tokens = vit_flops(model_cfg, image_size, train)
-    image += attention_flops(1, tokens, v.width, v.width)  # contrastive pooler
-    image += attention_flops(model_cfg.caption_queries, tokens, v.width, v.width)  # caption pooler
-    image += 2 * v.width * model_cfg.embed_dim
+    if _open_clip_coca(model_cfg):  # one pooler of embed-wide queries; its first output is the contrastive one
+        image += attention_flops(queries, tokens, embed, v.width) + 2 * embed * embed
+        context_len, context_width = queries - 1, embed
+    else:  # a contrastive and a caption pooler
+        image += attention_flops(1, tokens, v.width, v.width) + attention_flops(queries, tokens, v.width, v.width)
+        image += 2 * v.width * embed
+        context_len, context_width = queries, v.width
     text = t.unimodal_depth * block_flops(text_len + 1, t.width, t.mlp_dim)  # + [CLS]
-    text += 2 * t.width * model_cfg.embed_dim
-    text += t.multimodal_depth * block_flops(text_len, t.width, t.mlp_dim, model_cfg.caption_queries, v.width)
+    text += 2 * t.width * embed
+    text += t.multimodal_depth * block_flops(text_len, t.width, t.mlp_dim, context_len, context_width)
+    if _open_clip_coca(model_cfg):  # each layer's cross-attention block has its own MLP
+        text += t.multimodal_depth * mlp_flops(text_len, t.width, t.mlp_dim)
     text += 2 * text_len * t.width * vocab_size
     return image + text
 
