@@ -20,6 +20,7 @@ setup(
         "sentencepiece>=0.2",
         "ftfy",  # data.tokenizer=clip_bpe cleans text as open_clip does (ids differ without it)
         "regex",  # data.tokenizer=clip_bpe: CLIP's \p{L} word pattern
+        "safetensors",  # open_clip checkpoints in and out (mmjax.tools.import_openclip / export_openclip), no torch
         "ml-collections>=1.0",
         "chex>=0.1.90",
         "numpy>=1.26",
@@ -34,11 +35,15 @@ setup(
     ],
     extras_require={
         "fast": ["simplejpeg"],  # faster JPEG decoding on the host (Pillow otherwise)
-        # nbclient, nbformat, ipykernel: tests/test_colab_notebook.py runs launch/colab.ipynb
-        "test": ["pytest>=8", "pytest-xdist", "simplejpeg", "nbclient", "nbformat", "ipykernel"],
-        # open_clip for the tokenizer parity test (tests/test_clip_tokenizer.py skips without it). Not in
-        # `test`: it pulls torch, torchvision and timm, and PyPI's Linux torch is a multi-GB CUDA build; install
-        # torch from https://download.pytorch.org/whl/cpu first.
+        # nbclient, nbformat, ipykernel: tests/test_colab_notebook.py runs launch/colab.ipynb.
+        # torch + open_clip_torch: the peer for the parity tests (tests/test_openclip_interop.py,
+        # test_clip_tokenizer.py; they skip without them). torch < 2.14 takes a CPU wheel where one is at hand
+        # (torch 2.13.0+cpu on our CI machines); the models never touch torchvision (tests/openclip_reference.py).
+        "test": [
+            "pytest>=8", "pytest-xdist", "simplejpeg", "nbclient", "nbformat", "ipykernel",
+            "torch>=2.4,<2.14", "open_clip_torch",
+        ],
+        # open_clip itself, beside mmjax (its tokenizer's vocabulary file is read from the installed package)
         "interop": ["open_clip_torch"],
     },
 )

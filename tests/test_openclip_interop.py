@@ -183,12 +183,15 @@ def test_missing_and_unreadable_checkpoints(capsys, tmp_path, small_vocab):
 
 
 def perturbed(open_clip_model):
-    """Random, non-trivial values everywhere (open_clip leaves some at zero or one at init)."""
+    """Random, non-trivial values everywhere: open_clip leaves biases at zero and scales at
+    one, and its CoCa's vocabulary projection as torch.empty (whatever memory held)."""
     import torch
 
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in open_clip_model.parameters():
+        for name, p in open_clip_model.named_parameters():
+            if name == "text_decoder.text_projection":
+                p.normal_(0, p.shape[0] ** -0.5)
             p.add_(0.05 * torch.randn_like(p))
     return open_clip_model.eval()
 
