@@ -42,6 +42,7 @@ RESUMABLE = (
     "eval.*", "evals.*", "data.eval", "data.num_eval", "data.prefetch", "data.max_bad_fraction",
     "data.tfds_data_dir", "data.max_image_pixels", "data.decoder",
     "mesh.*",  # the checkpoint is resharded onto the new mesh
+    "init.*",  # only a run's step 0 reads it: a resumed run restores its own checkpoint
     # optimizer hyper-parameters: the optimizer state keeps its structure
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.final_lr_fraction",
     "optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.weight_decay",
@@ -60,6 +61,9 @@ IMPLIED_BEFORE_THEY_EXISTED = {
     "model.layernorm_eps": 1e-6,
     "model.mlp_activation": "gelu_tanh",
     "model.coca_layout": "paper",  # CoCa only; a CLIP record has no such key either way
+    "init.path": "",  # no fine-tuning: fresh parameters
+    "init.include": "",
+    "init.exclude": "",
 }
 
 

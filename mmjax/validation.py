@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 from typing import Any, Callable, Iterator
 
 from mmjax import models, optim
@@ -109,6 +110,15 @@ def flag(key, value) -> None:
 
 def string(key, value) -> None:
     _require(isinstance(value, str), key, value, "a string", "a string")
+
+
+def regex(key, value) -> None:
+    """A regular expression (re.search syntax)."""
+    string(key, value)
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ConfigError(f"{key}={value!r} is not a regular expression ({e}); fix --config.{key}") from None
 
 
 def numbers(count: int, description: str, ok: Callable[[tuple], bool], example: str) -> Check:
@@ -227,6 +237,10 @@ RULES: dict[str, Check] = {
     "checkpoint_every": POSITIVE,
     "keep_checkpoints": POSITIVE,
     "max_nonfinite_steps": POSITIVE,
+    # fine-tuning (mmjax.init_from); the trainer checks that init.path exists when it will read it
+    "init.path": string,
+    "init.include": regex,
+    "init.exclude": regex,
     "eval.batch_size": POSITIVE,
     # data
     "data.train": source(mixture=True),
