@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import checkpoint, evals, inference, metrics, nonfinite, optim, run_record, validation
+from mmjax import checkpoint, evals, inference, init_from, metrics, nonfinite, optim, run_record, validation
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.predictor import Predictor
@@ -210,6 +210,8 @@ def _run(config, workdir, mesh, ckpt, opened):
     saved_step = ckpt.latest_step()
     record = run_record.read(workdir)
     notes = run_record.check_resume(record, config, saved_step) if saved_step and record else []
+    if not saved_step:  # a resumed run restores its own checkpoint and never reads init.path
+        init_from.check_source(config.init)
     if saved_step and record is None:
         notes.append("this workdir has no config.json (an older mmjax wrote it): the config cannot be "
                      "checked against its checkpoint")
@@ -239,6 +241,7 @@ def _run(config, workdir, mesh, ckpt, opened):
         else:
             start_step = 0
             state, _ = build_state(model, parts.tx, config, mesh, parts.rules)
+            state["params"] = init_from.apply(config, state["params"], mesh.devices.flat)
         if jax.process_index() == 0:  # after the restore: a record never describes a checkpoint it cannot load
             run_record.write(workdir, config, tok)
         batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
