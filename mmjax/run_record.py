@@ -27,6 +27,9 @@ import os
 from mmjax.errors import ConfigError, UserError
 
 FILENAME = "config.json"
+# Written by mmjax.tools.import_openclip beside the record: the workdir holds imported
+# parameters only (checkpoint step 0, no optimizer state), to evaluate or fine-tune from.
+IMPORTED = "imported.json"
 TOKENIZER = "tokenizer.model"
 
 # Keys whose change a checkpoint survives: it restores as saved and the run continues with
@@ -78,6 +81,13 @@ _RESUMABLE_IF = {"optimizer.grad_clip_norm": _same_clip_stage}
 
 def path(workdir: str) -> str:
     return os.path.join(workdir, FILENAME)
+
+
+def refuse_imported(workdir: str) -> None:
+    """Training in an imported workdir would ignore its weights and start afresh: say how to use them."""
+    if os.path.exists(os.path.join(workdir, IMPORTED)):
+        raise UserError(f"{workdir} holds imported weights ({IMPORTED}), not a training run; fine-tune them in a new "
+                        f"workdir: --config.init.path={workdir} --workdir=NEW_DIR")
 
 
 def as_record(config) -> dict:

@@ -191,6 +191,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
     check_config(config, mesh)
     pipeline.check_sources(config.data)
     evals.check_sources(config)
+    run_record.refuse_imported(workdir)
+    init_from.check_source(config.init, workdir)
     workdir = prepare_workdir(workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     opened = []  # the data iterator, once there is one
@@ -210,8 +212,6 @@ def _run(config, workdir, mesh, ckpt, opened):
     saved_step = ckpt.latest_step()
     record = run_record.read(workdir)
     notes = run_record.check_resume(record, config, saved_step) if saved_step and record else []
-    if not saved_step:  # a resumed run restores its own checkpoint and never reads init.path
-        init_from.check_source(config.init)
     if saved_step and record is None:
         notes.append("this workdir has no config.json (an older mmjax wrote it): the config cannot be "
                      "checked against its checkpoint")

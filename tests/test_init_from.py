@@ -24,10 +24,12 @@ IMAGE_TOWER = ("image_encoder", "contrastive_pooler", "caption_pooler", "image_p
 
 def config_for(model="configs/coca.py", depth=None, scan_layers=False, **overrides):
     """A tiny run without evaluators (they cost seconds and test nothing here)."""
+    model_overrides = {k: overrides.pop(k) for k in list(overrides) if k.startswith("model.")}
     config = tiny_train_config(**{"total_steps": 2, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
                                   "objective.impl": "dense", **overrides})
     if depth is not None or model != "configs/coca.py":
         config.model = tiny_zoo_model(model, depth or 1)
+    config.update_from_flattened_dict(model_overrides)  # after the model section is replaced: none is lost
     if config.model.name != "coca":
         config.objective.caption_weight = 0.0
     config.model.scan_layers = scan_layers
@@ -175,7 +177,7 @@ def test_a_bad_init_stops_a_new_run_before_it_starts(tmp_path, monkeypatch, init
     with pytest.raises(error, match=expected) as raised:
         train.run(config, str(tmp_path / "run"))
     assert "\n" not in str(raised.value)
-    assert not os.path.exists(tmp_path / "run" / run_record.FILENAME)
+    assert not os.path.exists(tmp_path / "run")  # nothing written: fixing the flag starts a clean run
 
 
 def test_init_may_change_at_resume_and_older_records_have_none():

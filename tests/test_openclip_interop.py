@@ -266,3 +266,42 @@ def test_import_run_and_export_match_open_clip(name, tmp_path):
     for key in expected:
         np.testing.assert_array_equal(again[key], expected[key])
 
+
+
+# ------------------------------------------------------------------ fine-tuning from open_clip weights
+
+
+def test_fine_tune_from_an_open_clip_checkpoint_keeps_the_locked_tower(tmp_path, capsys):
+    """config.init.path=FILE.safetensors converts open_clip's keys for the run's own model; with
+    model.lock_image the image tower after training is the file's, bit for bit."""
+    from tests.test_init_from import config_for, flat, random_params
+
+    config = config_for("configs/clip.py", depth=2, scan_layers=True)
+    config.model.lock_image = True
+    weights, _ = random_params(config, str(tmp_path / "tok.model"), seed=3)
+    weights_file = str(tmp_path / "open_clip_model.safetensors")
+    openclip.write_safetensors(openclip.from_mmjax(jax.device_get(weights), config.model), weights_file)
+    config.init.path = weights_file
+    workdir = str(tmp_path / "fine_tune")
+    from mmjax import train
+
+    train.run(config, workdir)
+    assert f"from {weights_file}" in capsys.readouterr().out
+    origin, trained = flat(weights), flat(inference.load(workdir).params)
+    image = [p for p in trained if p.startswith(("image_encoder/", "image_proj/"))]
+    text = [p for p in trained if p.startswith(("text_encoder/", "text_proj/"))]
+    assert image and text
+    for path in image:
+        np.testing.assert_array_equal(trained[path], origin[path], err_msg=path)
+    assert all(not np.array_equal(trained[p], origin[p]) for p in text if p.endswith("kernel"))
+
+
+def test_training_in_an_imported_workdir_is_refused(tmp_path):
+    from mmjax import run_record, train
+
+    workdir = tmp_path / "imported"
+    workdir.mkdir()
+    (workdir / run_record.IMPORTED).write_text("{}")
+    with pytest.raises(UserError, match=f"fine-tune them in a new workdir: --config.init.path={workdir} "):
+        train.run(load_config("configs/clip.py"), str(workdir))
+    assert sorted(os.listdir(workdir)) == [run_record.IMPORTED]  # nothing written

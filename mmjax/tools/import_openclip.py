@@ -30,9 +30,6 @@ from mmjax.data import clip_bpe
 from mmjax.errors import UserError
 from mmjax.interop import openclip, openclip_models
 
-IMPORTED = "imported.json"  # provenance; the trainer refuses to resume such a workdir
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mmjax.tools.import_openclip", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help=f"open_clip model name: {', '.join(openclip_models.NAMES)}")
@@ -69,7 +66,7 @@ def import_openclip(name: str, checkpoint_file: str, out: str, vocab: str = "") 
         ckpt.save(0, {"params": params}, {})
     finally:
         ckpt.close()
-    with open(os.path.join(out, IMPORTED), "w") as f:
+    with open(os.path.join(out, run_record.IMPORTED), "w") as f:
         json.dump({"open_clip_model": name, "checkpoint": os.path.abspath(checkpoint_file)}, f, indent=1)
     return out
 
