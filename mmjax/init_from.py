@@ -18,7 +18,7 @@ import re
 import jax
 from flax import traverse_util
 
-from mmjax import inference, run_record
+from mmjax import checkpoint, inference, run_record
 from mmjax.errors import UserError
 from mmjax.models import scan_layout
 
@@ -26,10 +26,21 @@ OPENCLIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SHOWN = 3  # mismatches named in the error line
 
 
-def check_source(init_cfg) -> None:
-    """UserError in one line when `init.path` is set but names nothing this module can read."""
-    if init_cfg.path:
+def check_source(init_cfg, workdir: str) -> None:
+    """UserError in one line when a new run in `workdir` would read an `init.path` that names
+    nothing this module can read. A workdir with a checkpoint resumes and never reads it."""
+    if init_cfg.path and not _has_checkpoint(workdir):
         _source_kind(init_cfg.path)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    """Whether the trainer would resume in `workdir` (a step above 0; an import's step 0 is no run)."""
+    # Read-only: creates nothing, so a typo in init.path leaves no workdir behind.
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, read_only=True)
+    try:
+        return bool(ckpt.latest_step())
+    finally:
+        ckpt.close()
 
 
 def _source_kind(path: str) -> str:
