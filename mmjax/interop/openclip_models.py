@@ -34,11 +34,14 @@ ARCHITECTURE = ("name", "vocab_size", "embed_dim", "vision", "text", "mlp_activa
 
 
 def configs_dir() -> str:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mmjax.__file__))), "configs")
-    if not os.path.isdir(path):
-        raise UserError(f"the repository's configs/ is not next to the mmjax package ({path}); install mmjax from a "
-                        "clone: git clone ... && pip install -e .")
-    return path
+    """The repository's configs/: beside the mmjax package (pip install -e .), else in the
+    working directory (a clone's root, as the README's commands run)."""
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mmjax.__file__))), "configs")
+    for path in (beside, os.path.abspath("configs")):
+        if os.path.isfile(os.path.join(path, "clip.py")):
+            return path
+    raise UserError(f"the repository's configs/ is neither beside the mmjax package ({beside}) nor in the working "
+                    "directory; run from a clone's root (git clone ... && pip install -e .)")
 
 
 def config_for(name: str, tokenizer: str = "clip_bpe") -> ml_collections.ConfigDict:
