@@ -66,7 +66,7 @@ def apply(config, params, devices):
     init_cfg = config.init
     if not init_cfg.path:
         return params
-    source = _unrolled_source(init_cfg.path, config.model, devices)
+    source = _unrolled_source(init_cfg.path, config.model, devices, params)
     target = traverse_util.flatten_dict(scan_layout.unroll_blocks(params), sep="/")
     selected = [p for p in target if _selected(p, init_cfg)]
     _check_fits(selected, source, target, init_cfg)
@@ -78,14 +78,19 @@ def apply(config, params, devices):
     return jax.tree.map(_place, merged, params)
 
 
-def _unrolled_source(path: str, model_cfg, devices) -> dict:
+def _unrolled_source(path: str, model_cfg, devices, target_params) -> dict:
     """The source's parameters in the unrolled layout, flat by "/"-joined path."""
     if _source_kind(path) == "workdir":
         params = inference.load(os.path.expanduser(path), devices=devices).params
     else:
         from mmjax.interop import openclip  # torch-free, but only fine-tunes from OpenCLIP need it
 
-        params = openclip.to_mmjax(openclip.read_checkpoint(os.path.expanduser(path)), model_cfg)
+        state = openclip.read_checkpoint(os.path.expanduser(path))
+        # open_clip's keys are converted for this run's model: they must be all of its keys, shaped alike.
+        openclip.check_state(state, openclip.expected_shapes(target_params, model_cfg), path,
+                             f"this config's {model_cfg.name}", "give a checkpoint of this config's architecture, or "
+                             "import it (mmjax.tools.import_openclip) and pick parts with --config.init.include")
+        params = openclip.to_mmjax(state, model_cfg)
     return traverse_util.flatten_dict(scan_layout.unroll_blocks(params), sep="/")
 
 

@@ -155,9 +155,9 @@ def test_mismatched_checkpoint_lists_the_first_mismatches(capsys, tmp_path, smal
     out = tmp_path / "out"
     code, err = run_import(capsys, "--model", "ViT-B-32", "--checkpoint", bad, "--out", str(out), "--vocab", small_vocab)
     assert code == 2 and err.count("\n") == 1
-    assert f"{bad} is not an open_clip ViT-B-32 checkpoint" in err
-    assert "visual.conv1.weight: [768, 3, 16, 16] in the checkpoint, [768, 3, 32, 32] in ViT-B-32" in err
-    assert "extra.weight: not in ViT-B-32" in err and ": missing" in err and "more" in err
+    assert f"{bad} does not match open_clip's ViT-B-32" in err
+    assert "visual.conv1.weight: [768, 3, 16, 16] in the checkpoint, [768, 3, 32, 32] in open_clip's ViT-B-32" in err
+    assert "extra.weight: not in open_clip's ViT-B-32" in err and ": missing" in err and "more" in err
     assert not out.exists()  # nothing written
 
 
@@ -305,3 +305,18 @@ def test_training_in_an_imported_workdir_is_refused(tmp_path):
     with pytest.raises(UserError, match=f"fine-tune them in a new workdir: --config.init.path={workdir} "):
         train.run(load_config("configs/clip.py"), str(workdir))
     assert sorted(os.listdir(workdir)) == [run_record.IMPORTED]  # nothing written
+
+
+def test_init_from_an_open_clip_checkpoint_of_another_architecture_is_one_line(tmp_path):
+    from mmjax import init_from
+    from tests.test_init_from import config_for, random_params
+
+    config = config_for("configs/clip.py", depth=2)
+    params, _ = random_params(config, str(tmp_path / "tok.model"), seed=0)
+    weights_file = str(tmp_path / "b16.safetensors")
+    openclip.write_safetensors({"visual.conv1.weight": np.zeros((32, 3, 16, 16), np.float32)}, weights_file)
+    config.init.path = weights_file
+    with pytest.raises(UserError, match=r"b16.safetensors does not match this config's clip \(.* "
+                                        r"mismatched keys: visual.conv1.weight: \[32, 3, 16, 16\] in the checkpoint, "
+                                        r"\[32, 3, 8, 8\] in this config's clip.*import it"):
+        init_from.apply(config, params, jax.devices())

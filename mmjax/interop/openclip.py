@@ -253,8 +253,9 @@ def expected_shapes(abstract_params: dict, model_cfg) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in shapes.items()}
 
 
-def check_state(state: dict, expected: dict[str, tuple], source: str, model: str) -> None:
-    """UserError, in one line, listing the first mismatches when `state` is not `model`'s."""
+def check_state(state: dict, expected: dict[str, tuple], source: str, model: str, fix: str = "check --model") -> None:
+    """UserError, in one line, listing the first mismatches when `state` is not `model`'s (say,
+    "open_clip's ViT-B-32")."""
     problems = [  # the most telling first: a wrong shape names the wrong model
         f"{k}: {list(np.shape(state[k]))} in the checkpoint, {list(shape)} in {model}"
         for k, shape in expected.items()
@@ -264,8 +265,8 @@ def check_state(state: dict, expected: dict[str, tuple], source: str, model: str
     problems += [f"{k}: missing" for k in expected if k not in state]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise UserError(f"{source} is not an open_clip {model} checkpoint ({len(problems)} mismatched keys: {shown}); "
-                        "check --model")
+        raise UserError(f"{source} does not match {model} ({len(problems)} mismatched keys: {shown}); "
+                        f"{fix}")
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -45,7 +45,7 @@ def export_openclip(workdir: str, out: str, step: int | None = None) -> str:
     canonical = openclip_models.config_for(name)
     model = inference.model_for(canonical, run.tokenizer)
     expected = openclip.expected_shapes(import_openclip.abstract_params(model, canonical), canonical.model)
-    openclip.check_state({k: np.asarray(v) for k, v in state.items()}, expected, workdir, name)
+    openclip.check_state({k: np.asarray(v) for k, v in state.items()}, expected, workdir, f"open_clip's {name}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     openclip.write_safetensors(state, out)
     return name
