@@ -49,9 +49,12 @@ def test_colab_notebook_runs(tmp_path, monkeypatch):
     # One CPU device, as on Colab, not conftest's eight.
     monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", ""))
     client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=300, resources={"metadata": {"path": LAUNCH}})
-    client.execute()  # a cell that raises fails the test with its traceback
-
     cells = {cell.id: cell for cell in nb.cells}
+    try:
+        client.execute()  # a cell that raises fails the test with its traceback
+    except nbclient.exceptions.CellExecutionError:
+        print(stream(cells["train"])[-3000:])  # a failed training command raises nothing itself: its output
+        raise
     train = stream(cells["train"])
     assert "Final held-out results" in train, train[-3000:]
     assert os.listdir(workdir / "checkpoints") == [str(STEPS)]
