@@ -253,7 +253,7 @@ def test_import_run_and_export_match_open_clip(name, tmp_path):
     else:
         openclip.write_safetensors(state, checkpoint_file)
     workdir = import_openclip.import_openclip(name, checkpoint_file, str(tmp_path / "imported"))
-    run = inference.load(workdir)
+    run = inference.load(workdir, devices=jax.devices()[:1])  # not 8 replicas of 250M parameters in host memory
     assert run.config.data.tokenizer == "clip_bpe" and run.step == 0
     assert run.tokenizer.encode(["a photo of"], config.data.text_len - 1)[0, :5].tolist() == tokens[0, :5].tolist()
     assert_close(mmjax_outputs(run.model, run.params, images, tokens), expected)

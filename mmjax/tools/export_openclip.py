@@ -36,7 +36,7 @@ def export_openclip(workdir: str, out: str, step: int | None = None) -> str:
     """Write `out`; returns the open_clip model name to create it with."""
     if not out.endswith(".safetensors"):
         raise UserError(f"--out {out}: give a .safetensors file name")
-    run = inference.load(workdir, step)
+    run = inference.load(workdir, step, devices=jax.devices("cpu")[:1])  # one host copy, whatever the accelerators
     if not clip_bpe.is_spec(run.config.data.tokenizer):
         raise UserError(f"{workdir} was trained with data.tokenizer={run.config.data.tokenizer!r}; open_clip's text "
                         "towers read CLIP BPE ids (data.tokenizer=clip_bpe)")
