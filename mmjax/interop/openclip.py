@@ -43,6 +43,11 @@ def _same(*xs):
     return xs
 
 
+def _concatenate(xs):
+    """numpy for arrays (export: no device round trip, no compile per call), jnp for tracers (expected_shapes)."""
+    return (np if all(isinstance(x, np.ndarray) for x in xs) else jnp).concatenate(xs)
+
+
 def _linear(t, m) -> list[Link]:
     """torch Linear `t`.weight [out, in] / .bias <-> flax Dense `m`/kernel [in, out] / bias."""
     flip = lambda w: (w.T,)
@@ -69,7 +74,7 @@ def _attention(t, m, heads: int, fused: bool = True) -> list[Link]:
             (f"{t}.in_proj_weight",),
             tuple(f"{m}/{n}_kernel" for n in names),
             lambda w: kernels_in(*_thirds(w)),
-            lambda *ks: (jnp.concatenate(kernels_out(*ks)),),
+            lambda *ks: (_concatenate(kernels_out(*ks)),),
         )
     else:
         kernels = Link(tuple(f"{t}.{n[0]}_proj_weight" for n in names), tuple(f"{m}/{n}_kernel" for n in names),
@@ -78,7 +83,7 @@ def _attention(t, m, heads: int, fused: bool = True) -> list[Link]:
         (f"{t}.in_proj_bias",),
         tuple(f"{m}/{n}_bias" for n in names),
         lambda b: tuple(x.reshape(heads, -1) for x in _thirds(b)),
-        lambda *bs: (jnp.concatenate([b.reshape(-1) for b in bs]),),
+        lambda *bs: (_concatenate([b.reshape(-1) for b in bs]),),
     )
     out = Link(
         (f"{t}.out_proj.weight", f"{t}.out_proj.bias"),
