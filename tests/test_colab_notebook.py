@@ -16,7 +16,7 @@ nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-STEPS = 30  # enough for a caption of a few words
+STEPS, BATCH = 30, 32  # a quarter of the default run's examples per step; still a caption of a few words
 
 
 def install_kernel_spec(jupyter_dir) -> str:
@@ -38,7 +38,8 @@ def test_colab_notebook_runs(tmp_path, monkeypatch):
     assert not any(cell.get("outputs") for cell in nb.cells), "store the notebook with its outputs cleared"
     (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     workdir = tmp_path / "coca"
-    values = dict(TOTAL_STEPS=STEPS, NUM_EVAL=32, WORKDIR=str(workdir), OPENCLIP_CHECKPOINT="", DOWNLOAD_OPENCLIP=False)
+    values = dict(TOTAL_STEPS=STEPS, BATCH_SIZE=BATCH, NUM_EVAL=32, WORKDIR=str(workdir), OPENCLIP_CHECKPOINT="",
+                  DOWNLOAD_OPENCLIP=False)
     assert re.findall(r"^(\w+) =", params.source, re.M) == list(values)  # every parameter replaced
     params.source = "".join(f"{name} = {value!r}\n" for name, value in values.items())
 
@@ -46,9 +47,10 @@ def test_colab_notebook_runs(tmp_path, monkeypatch):
     kernel = install_kernel_spec(tmp_path / "jupyter")
     # `!python` is the kernel's Python, as on Colab, even when this one's bin/ is not on PATH.
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    # One CPU device, as on Colab, not conftest's eight.
-    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", ""))
-    client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=300, resources={"metadata": {"path": LAUNCH}})
+    # One CPU device, as on Colab, not conftest's eight (an xdist worker's XLA_FLAGS names them twice).
+    xla_flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in flag]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(xla_flags))
+    client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=600, resources={"metadata": {"path": LAUNCH}})
     cells = {cell.id: cell for cell in nb.cells}
     try:
         client.execute()  # a cell that raises fails the test with its traceback
