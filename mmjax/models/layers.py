@@ -141,19 +141,10 @@ class Attention(nn.Module):
 
         xavier = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
 
-        def project(names, inputs):  # x W + b with W: [width_in, heads, head_dim], one per name
-            # The projections of one input run as one matmul over their kernels side by side
-            # (stacked inside the jit; the parameters stay one per name), which a CPU runs
-            # faster than three narrow ones (docs/benchmarks.md, "mmjax vs open_clip"). A new
-            # axis, not a longer `heads`, so tensor parallelism shards them as before. Created
-            # in the order of `names`, so initialisation is unchanged.
-            ws, bs = zip(*(
-                (param(f"{n}_kernel", (inputs.shape[-1], self.num_heads, head_dim), ("embed", "heads", "kv"), xavier),
-                 param(f"{n}_bias", (self.num_heads, head_dim), ("heads", "kv"), nn.initializers.zeros))
-                for n in names
-            ))
-            y = jnp.einsum("bld,dnhk->nblhk", inputs.astype(self.dtype), jnp.stack(ws, axis=1))
-            return list(y + jnp.stack(bs)[:, None, None])
+        def project(name, inputs):  # x W + b with W: [width_in, heads, head_dim]
+            w = param(f"{name}_kernel", (inputs.shape[-1], self.num_heads, head_dim), ("embed", "heads", "kv"), xavier)
+            b = param(f"{name}_bias", (self.num_heads, head_dim), ("heads", "kv"), nn.initializers.zeros)
+            return jnp.einsum("bld,dhk->blhk", inputs.astype(self.dtype), w) + b
 
         def cached(name):
             value = self.get_variable("cache", name)
@@ -161,12 +152,7 @@ class Attention(nn.Module):
                 raise ValueError(f"{self.name}: no cached {name}; prefill the cache (apply with mutable=['cache'])")
             return value
 
-        if kv is x:  # self-attention: query, key and value from one matmul
-            q, k_new, v_new = project(("query", "key", "value"), x)
-        else:
-            [q] = project(("query",), x)
-            k_new, v_new = (None, None) if kv is None else project(("key", "value"), kv)
-        q = q / jnp.sqrt(head_dim).astype(self.dtype)
+        q = project("query", x) / jnp.sqrt(head_dim).astype(self.dtype)
         # Cached keys/values are stored heads-major, [batch, heads, kv_len, head_dim]: the
         # layout the attention matmuls read, so a step does not transpose the whole cache.
         heads_major = lambda t: jnp.swapaxes(t, 1, 2)
@@ -174,8 +160,8 @@ class Attention(nn.Module):
         if cache_index is not None:  # one decoding step: append this position, attend to the prefix
             k, v = cached("key"), cached("value")
             start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(k, heads_major(k_new).astype(k.dtype), start)
-            v = jax.lax.dynamic_update_slice(v, heads_major(v_new).astype(v.dtype), start)
+            k = jax.lax.dynamic_update_slice(k, heads_major(project("key", kv)).astype(k.dtype), start)
+            v = jax.lax.dynamic_update_slice(v, heads_major(project("value", kv)).astype(v.dtype), start)
             self.put_variable("cache", "key", k)
             self.put_variable("cache", "value", v)
             causal = (jnp.arange(k.shape[2]) <= cache_index)[None, None, None, :]
@@ -185,7 +171,8 @@ class Attention(nn.Module):
             k, v = cached("key"), cached("value")
             layout = "bhkd"
         else:
-            k, v = k_new, v_new
+            k = project("key", kv)
+            v = project("value", kv)
             if self.kv_cache and caching(self):
                 self.put_variable("cache", "key", heads_major(k))
                 self.put_variable("cache", "value", heads_major(v))
