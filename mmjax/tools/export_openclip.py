@@ -21,7 +21,7 @@ from mmjax import inference
 from mmjax.data import clip_bpe
 from mmjax.errors import UserError
 from mmjax.interop import openclip, openclip_models
-from mmjax.tools import import_openclip
+from mmjax.tools import summary
 
 
 def parse_args(argv):
@@ -44,7 +44,7 @@ def export_openclip(workdir: str, out: str, step: int | None = None) -> str:
     state = openclip.from_mmjax(jax.device_get(run.params), run.config.model)
     canonical = openclip_models.config_for(name)
     model = inference.model_for(canonical, run.tokenizer)
-    expected = openclip.expected_shapes(import_openclip.abstract_params(model, canonical), canonical.model)
+    expected = openclip.expected_shapes(summary.abstract_params(model, canonical), canonical.model)
     openclip.check_state({k: np.asarray(v) for k, v in state.items()}, expected, workdir, f"open_clip's {name}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     openclip.write_safetensors(state, out)

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +28,7 @@ from mmjax import checkpoint, inference, run_record
 from mmjax.data import clip_bpe
 from mmjax.errors import UserError
 from mmjax.interop import openclip, openclip_models
+from mmjax.tools import summary
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mmjax.tools.import_openclip", description=__doc__.split("\n\n")[0])
@@ -40,13 +40,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def abstract_params(model, config):
-    d = config.data
-    images = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.uint8)
-    tokens = jnp.zeros((1, d.text_len - 1), jnp.int32)
-    return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), images, tokens)["params"]))
-
-
 def import_openclip(name: str, checkpoint_file: str, out: str, vocab: str = "") -> str:
     """Write workdir `out` from open_clip checkpoint `checkpoint_file` of model `name`."""
     out = os.path.abspath(out)
@@ -56,7 +49,7 @@ def import_openclip(name: str, checkpoint_file: str, out: str, vocab: str = "") 
     tokenizer = clip_bpe.load(config.data.tokenizer)  # a missing vocabulary fails here, before any file is written
     model = inference.model_for(config, tokenizer)
     state = openclip.read_checkpoint(checkpoint_file)
-    shapes = abstract_params(model, config)
+    shapes = summary.abstract_params(model, config)
     openclip.check_state(state, openclip.expected_shapes(shapes, config.model), checkpoint_file, f"open_clip's {name}")
     params = jax.tree.map(jnp.asarray, openclip.to_mmjax(state, config.model))
     os.makedirs(out, exist_ok=True)
