@@ -92,6 +92,7 @@ def clip_model(
             logit_bias_init=placeholder(float),
             remat="none",  # per block: none | full | dots
             scan_layers=False,
+            attention="auto",  # mmjax.models.layers.ATTENTION_IMPLS
             patch_dropout=0.0,  # FLIP
             lock_image=False,  # LiT
             lock_text=False,

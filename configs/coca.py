@@ -68,6 +68,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     # A step whose loss or gradient norm is not finite is skipped; this many in a row stop the run.
     c.max_nonfinite_steps = 5
+    # Throughput: MFU = analytic FLOPs / step time / this per-device bf16 peak in TFLOP/s. None:
+    # the device's row of mmjax.throughput.PEAK_TFLOPS (no MFU on a device it does not list).
+    c.peak_tflops = placeholder(float)
+    # jax's persistent compilation cache, so a resumed or repeated run does not recompile:
+    # "user" ($XDG_CACHE_HOME or ~/.cache, /mmjax/xla) | "workdir" (<workdir>/xla_cache) | "off" | a directory.
+    c.compilation_cache = "user"
     # Fine-tune: a new run's parameters from a workdir or an OpenCLIP checkpoint file (step and
     # optimizer fresh); include/exclude are regexes over parameter paths (README, "Fine-tune from
     # weights"). Not "from": a Python keyword cannot be set as --config.init.from.
@@ -93,6 +99,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Memory/speed options, all off by default.
     c.model.remat = "none"  # per block: none | full (save nothing) | dots (save weight matmuls)
     c.model.scan_layers = False  # nn.scan over identical blocks: compile time independent of depth
+    # How attention is computed (mmjax.models.layers.ATTENTION_IMPLS); same parameters, same maths.
+    c.model.attention = "auto"
     c.model.patch_dropout = 0.0  # FLIP: share of image patches dropped in training
     c.model.lock_image = False  # LiT: freeze the image tower
     c.model.lock_text = False  # LiT: freeze the text tower

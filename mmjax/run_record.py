@@ -51,7 +51,9 @@ RESUMABLE = (
     "optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.weight_decay",
     "optimizer.grad_clip_norm",  # only while it stays zero or stays non-zero (_same_clip_stage)
     # model and loss options with the same parameters
-    "model.dtype", "model.remat", "model.patch_dropout",
+    "model.dtype", "model.remat", "model.patch_dropout", "model.attention",
+    # how the step is measured and compiled
+    "peak_tflops", "compilation_cache",
     "objective.impl", "objective.block_size", "objective.contrastive_weight", "objective.caption_weight",
 )
 
@@ -67,6 +69,9 @@ IMPLIED_BEFORE_THEY_EXISTED = {
     "init.path": "",  # no fine-tuning: fresh parameters
     "init.include": "",
     "init.exclude": "",
+    "model.attention": "einsum",  # the one implementation there was
+    "peak_tflops": None,
+    "compilation_cache": "off",
 }
 
 

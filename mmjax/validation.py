@@ -237,6 +237,8 @@ RULES: dict[str, Check] = {
     "checkpoint_every": POSITIVE,
     "keep_checkpoints": POSITIVE,
     "max_nonfinite_steps": POSITIVE,
+    "peak_tflops": optional(number(0, low_open=True), "the device's row of mmjax.throughput.PEAK_TFLOPS"),
+    "compilation_cache": string,  # user | workdir | off | a directory
     # fine-tuning (mmjax.init_from); the trainer checks that init.path exists when it will read it
     "init.path": string,
     "init.include": regex,
@@ -287,6 +289,7 @@ RULES: dict[str, Check] = {
     "model.logit_bias_init": optional(number(), PAPER_INIT),
     "model.remat": one_of(layers.REMAT_CHOICES),
     "model.scan_layers": flag,
+    "model.attention": one_of(layers.ATTENTION_IMPLS),
     "model.patch_dropout": number(0, 1, high_open=True),
     **{f"model.lock_{tower}": flag for tower in towers.LOCKABLE},
     "model.image_mean": numbers(3, "numbers (R, G, B)", lambda m: True, "(0.5, 0.5, 0.5)"),

@@ -139,7 +139,7 @@ def test_validating_twice_changes_nothing():
 
 
 @pytest.mark.parametrize("flag,where", [
-    ("--config.model.vison.width=3", "(model has: caption_queries, "),
+    ("--config.model.vison.width=3", "(model has: attention, caption_queries, "),
     ("--config.optimizer.lr=1", "(optimizer has: b1, b2, "),
     ("--config.model.vision.width.x=3", "(model.vision.width is a value, not a section)"),
     ("--config.mesh.rules.x=1", "(mesh.rules is a value, not a section)"),

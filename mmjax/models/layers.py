@@ -110,6 +110,10 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+# Attention implementations (config model.attention); see Attention.
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+
+
 class Attention(nn.Module):
     """Multi-head dot-product attention: softmax(q kᵀ / √d_head + mask) v, softmax in f32.
 
