@@ -54,7 +54,9 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-_NOT_PLOTTED = ("step", "examples_per_sec")
+# Throughput (mmjax.throughput.LogWindow) stays in metrics.jsonl and TensorBoard: a panel per
+# rate would crowd the losses out of curves.png.
+_NOT_PLOTTED = ("step", "examples_per_sec", "step_seconds", "tflops_per_device", "mfu", "data_wait")
 _SECOND_AXIS_ABOVE = 1.5  # an evaluator's metric whose values exceed this goes on a right-hand axis
 
 
@@ -62,7 +64,7 @@ def panels(keys) -> list[tuple[str, list[str]]]:
     """The layout of curves.png: (title, keys) per panel, in order.
 
     Training keys get a panel each, `loss` first, then the other losses, then the rest
-    alphabetically; `step` and `examples_per_sec` are not plotted. Then evaluation keys in
+    alphabetically; `step` and the throughput keys are not plotted. Then evaluation keys in
     the order given: `eval/<evaluator>/<metric>` keys share ONE panel per evaluator, titled
     with its name; an older run's two-part `eval/<metric>` gets a panel of its own.
     """

@@ -6,6 +6,7 @@ exists) -> grain batches -> jitted step -> metrics, evaluation, checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -16,13 +17,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import checkpoint, evals, inference, init_from, metrics, nonfinite, optim, run_record, validation
+from mmjax import (checkpoint, compilation_cache, evals, inference, init_from, metrics, nonfinite, optim, run_record,
+                   throughput, validation)
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.predictor import Predictor
 from mmjax.models import towers
 from mmjax.objectives import multimodal
 from mmjax.parallel import sharding
+from mmjax.tools import flops
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -197,7 +200,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     opened = []  # the data iterator, once there is one
     try:
-        results = _run(config, workdir, mesh, ckpt, opened)
+        with compilation_cache.use(_cache_setting(config, mesh), workdir) as cache_dir:
+            results = _run(config, workdir, mesh, ckpt, opened, cache_dir)
     except BaseException as e:
         # Shut the data workers and async checkpoint threads down first, so their own errors
         # do not bury this one. A stop we chose (bad data, divergence, a failed save) lets
@@ -208,7 +212,16 @@ def run(config, workdir: str) -> dict[str, float] | None:
     return results
 
 
-def _run(config, workdir, mesh, ckpt, opened):
+def _cache_setting(config, mesh) -> str:
+    """config.compilation_cache, or "off" (with a note) where the devices cannot use it."""
+    setting = config.get("compilation_cache", "user")
+    if setting != "off" and (reason := compilation_cache.unsupported(mesh.devices.flat)):
+        print(f"note: compilation cache off: {reason}", flush=True)
+        return "off"
+    return setting
+
+
+def _run(config, workdir, mesh, ckpt, opened, cache_dir):
     saved_step = ckpt.latest_step()
     record = run_record.read(workdir)
     notes = run_record.check_resume(record, config, saved_step) if saved_step and record else []
@@ -230,6 +243,7 @@ def _run(config, workdir, mesh, ckpt, opened):
         shapes, state_shardings = abstract_state(model, parts.tx, config, mesh, parts.rules)
         print(f"model: {config.model.name}, {_count(shapes['params'])} parameters; "
               f"batch {config.batch_size}, {config.total_steps} steps", flush=True)
+        speed = _log_window(config, mesh, tok)
         data_iter = pipeline.train_iterator(config.data, tok, config.batch_size, config.seed)
         opened.append(data_iter)
         data_fingerprint = pipeline.fingerprint(config.data, config.batch_size, config.seed)
@@ -251,11 +265,13 @@ def _run(config, workdir, mesh, ckpt, opened):
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0,
         )
+        compile_step = functools.partial(_compile, train_step, cache_dir=cache_dir)
         evaluator = _Evaluation(config, model, tok, mesh, state_shardings["params"], workdir)
         writer = metrics.MetricsWriter(workdir, start_step)
         data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
         try:
-            results = _loop(config, state, start_step, train_step, data, batch_shardings, ckpt, evaluator, writer)
+            results = _loop(config, state, start_step, compile_step, data, batch_shardings, ckpt, evaluator, writer,
+                            speed)
         finally:
             writer.plot()  # also when the run stopped itself: the curves show why
             writer.close()
@@ -313,12 +329,34 @@ class _Data:
     skips: skips.SkipMonitor
 
 
-def _compile(train_step, state, batch):
-    """Compile the step ahead of its first call, so the console can say how long it took."""
+def _log_window(config, mesh, tokenizer) -> throughput.LogWindow:
+    """Says what a step costs and what the chip can do; measures steps against both."""
+    step_flops = flops.train_step_flops(config, tokenizer.vocab_size)
+    kind = mesh.devices.flat[0].device_kind
+    peak = throughput.peak_tflops(kind, config.get("peak_tflops"))
+    print(f"train step: {step_flops / 1e9:.4g} GFLOP (analytic); "
+          + (f"peak {peak:g} TFLOP/s per device ({kind})" if peak else
+             f"no peak TFLOP/s known for {kind}: no MFU (set --config.peak_tflops)"), flush=True)
+    return throughput.LogWindow(config.batch_size, step_flops, mesh.devices.size, peak)
+
+
+def _compile(train_step, state, batch, cache_dir):
+    """Compile the step ahead of its first call, so the console can say how long it took,
+    whether the persistent cache had it, and what it holds in memory."""
     print("compiling the train step...", flush=True)
     start = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
-    print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+    with compilation_cache.Watch() as cache:
+        compiled = train_step.lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+    if cache.hit:
+        print(f"loaded from the compilation cache {cache_dir} in {seconds:.1f} s", flush=True)
+    else:
+        print(f"compiled in {seconds:.1f} s" + (f"; saved to the compilation cache {cache_dir}" if cache.written else ""),
+              flush=True)
+    memory = throughput.memory_per_device(compiled)
+    if memory:
+        print("memory per device: " + ", ".join(f"{k} {throughput.format_bytes(v)}" for k, v in memory.items()),
+              flush=True)
     return compiled
 
 
@@ -333,64 +371,65 @@ def _save(ckpt, step, state, data) -> None:
     ckpt.save(step, state, pipeline.data_state(data.iterator, data.fingerprint))
 
 
-def _loop(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer):
+def _loop(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed):
     with _Interrupts() as interrupts:
-        return _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer, interrupts)
+        return _train(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed,
+                      interrupts)
 
 
-def _train(config, state, step, train_step, data, batch_shardings, ckpt, evaluator, writer, interrupts):
+def _train(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed, interrupts):
     guard = nonfinite.NonFiniteMonitor(
         config.max_nonfinite_steps,
         f"lower --config.optimizer.learning_rate (now {config.optimizer.learning_rate:g})"
         + ("" if config.optimizer.grad_clip_norm else ", set --config.optimizer.grad_clip_norm=1")
         + " or check the data",
     )
-    window_start, window_step = None, step
+    train_step = None  # compiled at the first batch
     # A finished run re-launched: nothing to train, report the final checkpoint again.
     results = evaluator(state["params"], step, final=True) if step >= config.total_steps else None
     while step < config.total_steps:
+        asked = time.perf_counter()
         batch = next(data.iterator)
+        speed.add_data_wait(time.perf_counter() - asked)
         data.skips.update(batch)
         batch = pipeline.to_global({k: batch[k] for k in batch_shardings}, batch_shardings["image"])
-        if window_start is None:
-            train_step = _compile(train_step, state, batch)
+        if train_step is None:
+            train_step = compile_step(state, batch)
         state, logs = train_step(state, batch)
         step += 1
         guard.push(step, logs["nonfinite"])
         ckpt.check_for_errors()  # a failed async save stops the run now, not at the next save
-        if window_start is None:  # time from after the first step
+        if not speed.started:  # time from after the first step
             jax.block_until_ready(logs)
-            window_start, window_step = time.perf_counter(), step
+            speed.restart(step, time.perf_counter())
         if step % config.log_every == 0 or step == config.total_steps:
             guard.flush()
             logs = jax.device_get(logs)
             del logs["nonfinite"]
-            elapsed = time.perf_counter() - window_start
-            rate = (step - window_step) / elapsed if step > window_step else float("nan")
-            if rate == rate:  # unknown right after compiling or evaluating
-                logs["examples_per_sec"] = rate * config.batch_size
+            rates = speed.measure(step, time.perf_counter())  # {} right after compiling or evaluating
+            logs.update(rates)
             logs["train/skipped_nonfinite"] = guard.total
             logs.update(data.skips.metrics())
             skipped_note = data.skips.end_window()  # stops the run when too much data is bad
             notes = [n for n in (skipped_note, f"{guard.total} non-finite steps skipped" if guard.total else "") if n]
             writer.write(step, logs)
-            speed = (f"  {rate * config.batch_size:.0f} ex/s  ETA {(config.total_steps - step) / rate:.0f}s"
-                     if rate == rate and rate > 0 else "")
+            pace = (f"  {throughput.describe(rates)}  ETA {(config.total_steps - step) * rates['step_seconds']:.0f}s"
+                    if rates else "")
             print(
                 f"step {step:6d}/{config.total_steps}  loss {logs['loss']:.4f}  "
                 + "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k.endswith("_loss"))
-                + speed
+                + pace
                 + "".join(f"  [{n}]" for n in notes),
                 flush=True,
             )
-            window_start, window_step = time.perf_counter(), step
+            speed.restart(step, time.perf_counter())
         final = step == config.total_steps
         if evaluator.due(step, final):
             results = evaluator(state["params"], step, final)
             writer.write(step, results)
             print(f"eval @ {step}: " + "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in results.items()),
                   flush=True)
-            window_start, window_step = time.perf_counter(), step
+            speed.restart(step, time.perf_counter())
         interrupted = interrupts.requested or (ckpt.reached_preemption(step) and "preemption")
         if step % config.checkpoint_every == 0 or final or interrupted:
             guard.flush()
