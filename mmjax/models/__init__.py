@@ -16,8 +16,10 @@ So configs/siglip.py needs no inits of its own, and configs/coca.py or clip.py w
 a ConfigError, not an unused parameter.
 
 Numerics (layers.Numerics): model.layernorm_eps (every LayerNorm's ε) and model.mlp_activation
-(every MLP's: "gelu" exact, "gelu_tanh", "quick_gelu") reach every tower and pooler. A model
-section without them (an older run's config.json) gets mmjax's defaults, ε 1e-6 and tanh-GELU.
+(every MLP's: "gelu" exact, "gelu_tanh", "quick_gelu") and model.attention (every Attention's
+implementation, mmjax.models.attention) reach every tower and pooler. A model section without
+them (an older run's config.json) gets mmjax's defaults, ε 1e-6 and tanh-GELU, and "einsum"
+attention (run_record.IMPLIED_BEFORE_THEY_EXISTED).
 """
 from __future__ import annotations
 
@@ -101,15 +103,19 @@ def _training_options(model_cfg) -> dict:
 
 
 def model_numerics(model_cfg) -> layers.Numerics:
-    """The config's LayerNorm ε and MLP activation; absent keys: layers.Numerics' defaults."""
+    """The config's LayerNorm ε, MLP activation and attention implementation; absent keys:
+    layers.Numerics' defaults, but "einsum" attention (the one an older run's model had)."""
     default = layers.Numerics()
     eps = model_cfg.get("layernorm_eps", default.layernorm_eps)
     activation = model_cfg.get("mlp_activation", default.mlp_activation)
+    attention = model_cfg.get("attention", "einsum")
     if activation not in layers.ACTIVATIONS:
         raise ValueError(f"unknown model.mlp_activation {activation!r}; valid: {list(layers.ACTIVATIONS)}")
+    if attention not in layers.ATTENTION_IMPLS:
+        raise ValueError(f"unknown model.attention {attention!r}; valid: {list(layers.ATTENTION_IMPLS)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"model.layernorm_eps must be a finite number above 0, got {eps!r}")
-    return layers.Numerics(layernorm_eps=float(eps), mlp_activation=activation)
+    return layers.Numerics(layernorm_eps=float(eps), mlp_activation=activation, attention=attention)
 
 
 def build_model(model_cfg, vocab_size: int, pad_id: int = 0, *, contrastive: str):

@@ -15,10 +15,12 @@ writes this position's key/value at `cache_index` and attends to positions <= ca
 (and'ed with the caller's mask); cross-attention called with `kv=None` reuses its cached
 keys/values. Parameters are the same in every mode; `model.init` never creates a cache.
 
-Numerics (`Numerics`, config.model.layernorm_eps and .mlp_activation): the LayerNorm ε and the
-MLP activation of every block, pooler and final norm. They change no parameter, only what
-the same parameters compute; the defaults are flax's and big_vision's (ε 1e-6, tanh-GELU),
-open_clip's CLIP uses torch's (ε 1e-5, exact GELU; QuickGELU for OpenAI's weights).
+Numerics (`Numerics`, config.model.layernorm_eps, .mlp_activation and .attention): the
+LayerNorm ε and the MLP activation of every block, pooler and final norm, and how every
+Attention is computed (mmjax.models.attention). They change no parameter, only what the same
+parameters compute (the attention implementation not even that, up to rounding); the defaults
+are flax's and big_vision's (ε 1e-6, tanh-GELU), open_clip's CLIP uses torch's (ε 1e-5, exact
+GELU; QuickGELU for OpenAI's weights).
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import attention
+from mmjax.models.attention import ATTENTION_IMPLS
+
 Dtype = Any
-NEG_INF = -1e9  # large, finite: a fully-masked row stays NaN-free
 
 
 def param_init(init, names: Sequence[str | None]):
@@ -73,16 +77,20 @@ ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
 
 @dataclasses.dataclass(frozen=True)
 class Numerics:
-    """Choices that change what the parameters compute but not the parameters themselves
-    (so a checkpoint from another codebase can be reproduced): every LayerNorm's ε and
-    every MLP's activation. Defaults: mmjax's own (flax/big_vision) numerics."""
+    """How every block computes, without changing its parameters (so a checkpoint from
+    another codebase can be reproduced, or run faster): every LayerNorm's ε, every MLP's
+    activation and every Attention's implementation. Defaults: mmjax's own (flax/big_vision)
+    numerics, and the fastest exact attention for the backend."""
 
     layernorm_eps: float = 1e-6
     mlp_activation: str = "gelu_tanh"  # one of ACTIVATIONS
+    attention: str = "auto"  # one of ATTENTION_IMPLS
 
     def __post_init__(self):
         if self.mlp_activation not in ACTIVATION_FUNCTIONS:
             raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; valid: {list(ACTIVATIONS)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {list(ATTENTION_IMPLS)}")
         if not self.layernorm_eps > 0:
             raise ValueError(f"layernorm_eps must be above 0, got {self.layernorm_eps}")
 
@@ -110,15 +118,12 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-# Attention implementations (config model.attention); see Attention.
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
-
-
 class Attention(nn.Module):
     """Multi-head dot-product attention: softmax(q kᵀ / √d_head + mask) v, softmax in f32.
 
     `kv` is the sequence attended to: `x` itself for self-attention, image tokens for
-    cross-attention. `mask` is boolean, broadcastable to [batch, heads, q_len, kv_len].
+    cross-attention. `mask` is boolean, 4-D, broadcastable to [batch, heads, q_len, kv_len].
+    `impl` (one of ATTENTION_IMPLS) picks the kernels: see mmjax.models.attention.
 
     Decoding cache (see the module docstring), variables "cache"/"key" and "cache"/"value",
     [batch, heads, kv_len, head_dim]:
@@ -132,6 +137,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     kv_cache: bool = False  # a prefill stores k, v (only decoders need them)
+    impl: str = "auto"  # one of ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x, kv, mask=None, cache_index=None):
@@ -160,7 +166,7 @@ class Attention(nn.Module):
         # Cached keys/values are stored heads-major, [batch, heads, kv_len, head_dim]: the
         # layout the attention matmuls read, so a step does not transpose the whole cache.
         heads_major = lambda t: jnp.swapaxes(t, 1, 2)
-        layout = "bkhd"
+        reads_cache = cache_index is not None or kv is None  # a decoding step: k, v heads-major
         if cache_index is not None:  # one decoding step: append this position, attend to the prefix
             k, v = cached("key"), cached("value")
             start = (0, 0, cache_index, 0)
@@ -170,22 +176,19 @@ class Attention(nn.Module):
             self.put_variable("cache", "value", v)
             causal = (jnp.arange(k.shape[2]) <= cache_index)[None, None, None, :]
             mask = causal if mask is None else mask & causal
-            layout = "bhkd"
         elif kv is None:  # attend to keys/values an earlier call cached (cross-attention steps)
             k, v = cached("key"), cached("value")
-            layout = "bhkd"
         else:
             k = project("key", kv)
             v = project("value", kv)
             if self.kv_cache and caching(self):
                 self.put_variable("cache", "key", heads_major(k))
                 self.put_variable("cache", "value", heads_major(v))
-        logits = jnp.einsum(f"bqhd,{layout}->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("act_batch", "act_heads", None, None))
-        if mask is not None:
-            logits = jnp.where(mask, logits, NEG_INF)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum(f"bhqk,{layout}->bqhd", weights, v)
+        impl = attention.resolve(self.impl, q, k, mask, decoding_step=reads_cache)
+        if impl == "einsum":
+            out = attention.einsum_attention(q, k, v, mask, self.dtype, "bhkd" if reads_cache else "bkhd")
+        else:
+            out = attention.fused_attention(q, k, v, mask, impl)
         w_out = param(
             "out_kernel",
             (self.num_heads, head_dim, width),
@@ -252,15 +255,16 @@ class Block(nn.Module):
     def __call__(self, x, mask=None, context=None, cache_index=None):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         norm = lambda name, y: self.numerics.layer_norm(self.dtype, name)(y)
+        attend = lambda name: Attention(self.num_heads, self.dtype, self.kv_cache, self.numerics.attention, name=name)
         h = norm("ln_attn", x)
-        x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="attn")(h, h, mask, cache_index)
+        x = x + attend("attn")(h, h, mask, cache_index)
         if self.cross_attention and self.cross_layout == "open_clip":
             x = x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(norm("ln_mlp", x))
             context = None if context is None else norm("ln_context", context)  # None: cached keys/values
-            x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="cross_attn")(norm("ln_cross", x), context)
+            x = x + attend("cross_attn")(norm("ln_cross", x), context)
             return x + self.numerics.mlp(self.mlp_dim, self.dtype, "cross_mlp")(norm("ln_cross_mlp", x))
         if self.cross_attention:
-            x = x + Attention(self.num_heads, self.dtype, self.kv_cache, name="cross_attn")(norm("ln_cross", x), context)
+            x = x + attend("cross_attn")(norm("ln_cross", x), context)
         return x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(norm("ln_mlp", x))
 
 
@@ -285,7 +289,7 @@ class Transformer(nn.Module):
       layers axis.
     kv_cache: the blocks keep a decoding cache (see the module docstring); `cache_index`: a
       decoding step (see Attention); None: an ordinary (or prefill) pass.
-    numerics: every block's LayerNorm ε and MLP activation (see Numerics).
+    numerics: every block's LayerNorm ε, MLP activation and attention implementation (see Numerics).
     cross_layout: where a cross-attending block's cross-attention sits (see Block).
     """
 

@@ -36,7 +36,7 @@ class AttentionalPooler(nn.Module):
         if self.query_norm:
             queries = self.numerics.layer_norm(self.dtype, "ln_queries")(queries)
         queries = jnp.broadcast_to(queries.astype(self.dtype), (tokens.shape[0], self.num_queries, width))
-        pooled = layers.Attention(self.num_heads, self.dtype, name="attn")(queries, tokens)
+        pooled = layers.Attention(self.num_heads, self.dtype, impl=self.numerics.attention, name="attn")(queries, tokens)
         return self.numerics.layer_norm(self.dtype, "ln_out")(pooled)
 
 
@@ -55,6 +55,6 @@ class MAPHead(nn.Module):
         probe_init = layers.param_init(nn.initializers.xavier_uniform(), ("length", "embed"))
         probe = self.param("probe", probe_init, (1, width))
         probe = jnp.broadcast_to(probe.astype(self.dtype), (tokens.shape[0], 1, width))
-        y = layers.Attention(self.num_heads, self.dtype, name="attn")(probe, tokens)
+        y = layers.Attention(self.num_heads, self.dtype, impl=self.numerics.attention, name="attn")(probe, tokens)
         z = y + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(self.numerics.layer_norm(self.dtype, "ln")(y))
         return z[:, 0]
