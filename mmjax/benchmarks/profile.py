@@ -289,15 +289,18 @@ def op_times(xspace_path: str) -> tuple[list[OpTime], str]:
     device = [p for p in planes if p.name.startswith("/device:") and "CPU" not in p.name]
     ops = []
     for plane in device or [p for p in planes if p.name.startswith("/host:CPU")]:
-        for line in plane.lines:
-            if device and not line.name.startswith("Stream"):
-                continue  # derived lines (XLA Modules, Steps, ...) repeat the stream's time
+        lines = list(plane.lines)
+        # Derived lines (XLA Modules, XLA Ops, Steps) repeat the streams' time; keep every
+        # line only if this trace names none "Stream".
+        streams = [line for line in lines if line.name.startswith("Stream")]
+        for line in streams or lines:
             events = []
             for e in line.events:
                 s = _stats(e)
                 if not device and "hlo_op" not in s:
                     continue  # host threads: only XLA's op thunks, not Python or runtime events
-                op = OpTime(s.get("hlo_op"), s.get("hlo_module"), e.name, e.duration_ns / 1e9)
+                hlo_op, module = (str(s[k]) if s.get(k) is not None else None for k in ("hlo_op", "hlo_module"))
+                op = OpTime(hlo_op, module, e.name, e.duration_ns / 1e9)
                 events.append((e.start_ns, e.start_ns + e.duration_ns, op))
             ops += _exclusive(events)
     return ops, "device" if device else "host"
