@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.configs import load_config
 from mmjax.errors import ConfigError
 from mmjax.models import attention, build_model, decoding, layers, model_numerics
+from mmjax.parallel import sharding
 from tests.helpers import tiny_zoo_model
 
 # Both sides of every comparison compile alike; LLVM's optimisation is not worth its time here.
@@ -100,6 +102,22 @@ def test_a_fully_masked_row_averages_the_values_in_both():
     einsum, xla = (layer.apply(p, x, x, nothing_visible) for layer, p in map(attention_layer, ("einsum", "xla")))
     assert np.isfinite(einsum).all()
     np.testing.assert_allclose(einsum, xla, **F32_TOL)
+
+
+@cpu_only
+def test_xla_runs_sharded_over_a_mesh():
+    """Batch over data × fsdp, heads over tensor (the fused path constrains q, k, v as the
+    einsum path constrains its logits): the unsharded einsum output."""
+    x, _, masks = attention_io()
+    x, mask = jnp.concatenate([x, x[:1]]), jnp.concatenate([masks["causal_and_padding"]] * 2)[:4]
+    (einsum, params), (xla, _) = attention_layer("einsum"), attention_layer("xla")
+    expected = jit(einsum.apply)(params, x, x, mask)
+    mesh_cfg = load_config("configs/coca.py").mesh
+    mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 2, 2, 2
+    mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules_from_config(mesh_cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        sharded = jit(xla.apply, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh), None, None))
+        np.testing.assert_allclose(sharded(params, x, x, mask), expected, **F32_TOL)
 
 
 def tiny_model(config_file, impl, dtype="float32"):
