@@ -165,7 +165,8 @@ for batch in $BATCH_TRIES; do
 done
 # (g) cuDNN attention against einsum, on the GPU
 if [ "$SMOKE" != 1 ]; then
-  run_step g_test_attention 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py
+  # tests/conftest.py defaults JAX_PLATFORMS to cpu; the cuDNN cases need the GPU (the f32 CPU cases skip there).
+  JAX_PLATFORMS=cuda run_step g_test_attention 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py
 fi
 
 # --- leave results, not caches and checkpoints ----------------------------------------------------
