@@ -1,9 +1,13 @@
-"""Train-step throughput against this machine's dense f32 matmul throughput.
+"""Train-step throughput against the chip's peak (MFU) and this machine's dense f32 matmul.
 
     python -m mmjax.benchmarks.step --config=configs/coca.py [--config.batch_size=256] [--steps=20]
+        [--peak_tflops=989]
 
 Prints one JSON object per measurement, then a table. Achieved GFLOP/s = analytic FLOPs per
-step (mmjax.tools.flops) / median step time; XLA's own count is printed beside it.
+step (mmjax.tools.flops) / median step time; XLA's own count is printed beside it. MFU =
+TFLOP/s per device / the peak (--peak_tflops, else the device's row of
+mmjax.throughput.PEAK_TFLOPS; null where neither gives one, e.g. a CPU). Also the compile
+seconds and the compiled step's memory per device.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmjax import train
+from mmjax import throughput, train
 from mmjax.data import pipeline
 from mmjax.parallel import sharding
 from mmjax.tools import flops
@@ -27,6 +31,8 @@ from mmjax.tools import flops
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square f32 matmul reference.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak TFLOP/s per device for MFU (default: the "
+                           "device's row of mmjax.throughput.PEAK_TFLOPS, or config.peak_tflops).")
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -46,25 +52,32 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
     return 2 * m * k * n / median_seconds(lambda: matmul(a, b), repeats) / 1e9
 
 
-def step_measurement(config, repeats: int) -> dict:
+def step_measurement(config, repeats: int, peak: float | None) -> dict:
     parts = train.build_components(config, tempfile.mkdtemp() + "/tokenizer.model")
     batch = next(pipeline.train_iterator(config.data, parts.tokenizer, config.batch_size, config.seed))
     with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
         state, _ = train.build_state(parts.model, parts.tx, config, parts.mesh, parts.rules)
         batch = pipeline.to_global({k: batch[k] for k in ("image", "tokens")}, sharding.batch_sharding(parts.mesh))
         # No donation: the benchmark reuses one state for every timed call.
-        step = jax.jit(parts.train_step(config))
-        xla_flops = step.lower(state, batch).compile().cost_analysis()["flops"]
+        start = time.perf_counter()
+        step = jax.jit(parts.train_step(config)).lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - start
         seconds = median_seconds(lambda: step(state, batch), repeats)
     analytic = flops.train_step_flops(config, parts.tokenizer.vocab_size)
+    devices = parts.mesh.devices.size
     return {
         "name": "train_step",
         "batch_size": config.batch_size,
         "step_seconds": seconds,
         "examples_per_sec": config.batch_size / seconds,
         "analytic_gflop_per_step": analytic / 1e9,
-        "xla_gflop_per_step": xla_flops / 1e9,
+        "xla_gflop_per_step": step.cost_analysis()["flops"] / 1e9,
         "gflops": analytic / seconds / 1e9,
+        "tflops_per_device": throughput.tflops_per_device(analytic, seconds, devices),
+        "peak_tflops": peak,
+        "mfu": throughput.mfu(analytic, seconds, devices, peak),
+        "compile_seconds": compile_seconds,
+        "memory_per_device_bytes": throughput.memory_per_device(step),
     }
 
 
@@ -73,7 +86,8 @@ def main(argv):
     env = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
            "cpu": platform.processor() or platform.machine()}
     config = _CONFIG.value
-    step = {**step_measurement(config, _STEPS.value), **env}
+    peak = throughput.peak_tflops(env["device"], _PEAK.value if _PEAK.value is not None else config.get("peak_tflops"))
+    step = {**step_measurement(config, _STEPS.value, peak), **env}
     n = _MATMUL.value
     square = {"name": f"matmul_f32_{n}x{n}x{n}", "gflops": matmul_gflops(n, n, n, _STEPS.value), **env}
     # The model's own largest matmul: the vision MLP, [batch·patches, width] x [width, mlp_dim].
@@ -85,10 +99,15 @@ def main(argv):
     step["fraction_of_model_shaped_matmul"] = step["gflops"] / shaped["gflops"]
     for row in (step, square, shaped):
         print(json.dumps(row))
-    print("\n| measurement | examples/s | GFLOP/s | step as a fraction of it |\n|---|---|---|---|")
-    print(f"| train step (batch {step['batch_size']}) | {step['examples_per_sec']:.0f} | {step['gflops']:.1f} | - |")
+    mfu = "-" if step["mfu"] is None else f"{step['mfu']:.1%} of {step['peak_tflops']:g}"
+    print("\n| measurement | examples/s | GFLOP/s | TFLOP/s per device | MFU | step as a fraction of it |\n"
+          "|---|---|---|---|---|---|")
+    print(f"| train step (batch {step['batch_size']}) | {step['examples_per_sec']:.0f} | {step['gflops']:.1f} | "
+          f"{step['tflops_per_device']:.3g} | {mfu} | - |")
     for ref in (square, shaped):
-        print(f"| {ref['name']} | - | {ref['gflops']:.1f} | {step['gflops'] / ref['gflops']:.2f} |")
+        print(f"| {ref['name']} | - | {ref['gflops']:.1f} | - | - | {step['gflops'] / ref['gflops']:.2f} |")
+    memory = ", ".join(f"{k} {throughput.format_bytes(v)}" for k, v in step["memory_per_device_bytes"].items())
+    print(f"\ncompiled in {step['compile_seconds']:.1f} s; memory per device: {memory or 'not reported'}")
 
 
 if __name__ == "__main__":
