@@ -154,7 +154,7 @@ class Attention(nn.Module):
         def project(name, inputs):  # x W + b with W: [width_in, heads, head_dim]
             w = param(f"{name}_kernel", (inputs.shape[-1], self.num_heads, head_dim), ("embed", "heads", "kv"), xavier)
             b = param(f"{name}_bias", (self.num_heads, head_dim), ("heads", "kv"), nn.initializers.zeros)
-            return jnp.einsum("bld,dhk->blhk", inputs.astype(self.dtype), w) + b
+            return token_matmul(inputs.astype(self.dtype), w) + b
 
         def cached(name):
             value = self.get_variable("cache", name)
@@ -196,7 +196,28 @@ class Attention(nn.Module):
             nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
         )
         b_out = param("out_bias", (width,), ("embed",), nn.initializers.zeros)
-        return jnp.einsum("bqhd,hde->bqe", out, w_out) + b_out
+        out = out.reshape(*out.shape[:-2], width)  # heads side by side, the layout w_out's rows have
+        return token_matmul(out, w_out.reshape(width, width)) + b_out
+
+
+def token_matmul(x, w):
+    """x [..., d] · w [d, *out] -> [..., *out] as ONE [tokens, d] × [d, prod(out)] matmul.
+
+    The same contraction written over [batch, length, d] (an einsum, or nn.Dense on 3-D
+    input) made XLA:CPU's step ~9% slower on the default CoCa (its gradients go through
+    extra transposes; docs/benchmarks.md, "Token-major matmuls"). On GPU/TPU the reshapes
+    are free."""
+    lead, out = x.shape[:-1], w.shape[1:]
+    y = x.reshape(-1, x.shape[-1]) @ w.reshape(w.shape[0], -1)
+    return y.reshape(*lead, *out)
+
+
+class Dense(nn.Dense):
+    """nn.Dense (same parameters, same names) computed as one token-major matmul (token_matmul)."""
+
+    def __call__(self, inputs):
+        lead = inputs.shape[:-1]
+        return super().__call__(inputs.reshape(-1, inputs.shape[-1])).reshape(*lead, self.features)
 
 
 class Mlp(nn.Module):
@@ -209,7 +230,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        h = nn.Dense(
+        h = Dense(
             self.mlp_dim,
             dtype=self.dtype,
             kernel_init=param_init(nn.initializers.xavier_uniform(), ("embed", "mlp")),
@@ -219,7 +240,7 @@ class Mlp(nn.Module):
         if self.activation not in ACTIVATION_FUNCTIONS:
             raise ValueError(f"unknown activation {self.activation!r}; valid: {list(ACTIVATIONS)}")
         h = constrain(ACTIVATION_FUNCTIONS[self.activation](h), ("act_batch", "act_length", "act_mlp"))
-        return nn.Dense(
+        return Dense(
             width,
             dtype=self.dtype,
             kernel_init=param_init(nn.initializers.xavier_uniform(), ("mlp", "embed")),
@@ -342,7 +363,7 @@ class Transformer(nn.Module):
 
 def dense(features: int, names: Sequence[str | None], dtype, name: str, use_bias: bool = True):
     """A Dense layer whose kernel carries `names` (input axis, output axis)."""
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
