@@ -417,34 +417,40 @@ def profile(config, steps: int = 3, peak_tflops: float | None = None, trace_dir:
     return category_rows, total, top
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after one warm-up and `steps` untraced timed steps).")
-_OUT = flags.DEFINE_string("out", None, "Directory for profile.jsonl, profile.md, top_ops.jsonl (and the trace).")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Per-device peak for fractions of peak (default: config.peak_tflops).")
-_CUDA_GRAPHS = flags.DEFINE_bool("cuda_graphs", False, "Keep XLA's CUDA graphs (their kernels are then unattributed).")
+def main():
+    # Flags are defined here, not at import: the tests import this module into processes
+    # where mmjax.main (or another benchmark) has already defined --config and --steps.
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file.")
+    steps = flags.DEFINE_integer("steps", 3, "Traced steps (after one warm-up and `steps` untraced timed steps).")
+    out = flags.DEFINE_string("out", None, "Directory for profile.jsonl, profile.md, top_ops.jsonl (and the trace).")
+    peak_flag = flags.DEFINE_float("peak_tflops", None,
+                                   "Per-device peak for fractions of peak (default: config.peak_tflops).")
+    cuda_graphs = flags.DEFINE_bool("cuda_graphs", False,
+                                    "Keep XLA's CUDA graphs (their kernels are then unattributed).")
 
+    def run(argv):
+        del argv
+        xla_flags = os.environ.get("XLA_FLAGS", "")
+        if not cuda_graphs.value and "command_buffer" not in xla_flags:  # before the backend starts
+            os.environ["XLA_FLAGS"] = (xla_flags + " --xla_gpu_enable_command_buffer=").strip()
+        config = config_flag.value
+        peak = peak_flag.value or config.get("peak_tflops")
+        trace_dir = os.path.join(out.value, "trace") if out.value else None
+        category_rows, total, top = profile(config, steps.value, peak, trace_dir)
+        for row in (*category_rows, total):
+            print(json.dumps(row))
+        print("\n" + table(category_rows, total))
+        if out.value:
+            os.makedirs(out.value, exist_ok=True)
+            with open(os.path.join(out.value, "profile.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in (*category_rows, total))
+            with open(os.path.join(out.value, "profile.md"), "w") as f:
+                f.write(table(category_rows, total) + "\n")
+            with open(os.path.join(out.value, "top_ops.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in top)
 
-def main(argv):
-    del argv
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if not _CUDA_GRAPHS.value and "command_buffer" not in xla_flags:  # before the backend starts
-        os.environ["XLA_FLAGS"] = (xla_flags + " --xla_gpu_enable_command_buffer=").strip()
-    config = _CONFIG.value
-    peak = _PEAK.value or config.get("peak_tflops")
-    trace_dir = os.path.join(_OUT.value, "trace") if _OUT.value else None
-    category_rows, total, top = profile(config, _STEPS.value, peak, trace_dir)
-    for row in (*category_rows, total):
-        print(json.dumps(row))
-    print("\n" + table(category_rows, total))
-    if _OUT.value:
-        os.makedirs(_OUT.value, exist_ok=True)
-        with open(os.path.join(_OUT.value, "profile.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in (*category_rows, total))
-        with open(os.path.join(_OUT.value, "profile.md"), "w") as f:
-            f.write(table(category_rows, total) + "\n")
-        with open(os.path.join(_OUT.value, "top_ops.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in top)
+    app.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
