@@ -90,7 +90,7 @@ def clip_model(
             logit_scale_init=placeholder(float),
             logit_scale_max=placeholder(float),
             logit_bias_init=placeholder(float),
-            remat="none",  # per block: none | full | dots
+            remat="none",  # per block: none | full | dots | auto (the least that fits the device)
             scan_layers=False,
             attention="auto",  # mmjax.models.layers.ATTENTION_IMPLS
             patch_dropout=0.0,  # FLIP

@@ -97,7 +97,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         dict(width=128, unimodal_depth=2, multimodal_depth=2, mlp_dim=512, heads=2)
     )
     # Memory/speed options, all off by default.
-    c.model.remat = "none"  # per block: none | full (save nothing) | dots (save weight matmuls)
+    c.model.remat = "none"  # per block: none | full (save nothing) | dots (save weight matmuls) | auto (the least that fits)
     c.model.scan_layers = False  # nn.scan over identical blocks: compile time independent of depth
     # How attention is computed (mmjax.models.layers.ATTENTION_IMPLS); same parameters, same maths.
     c.model.attention = "auto"

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import (checkpoint, compilation_cache, evals, inference, init_from, metrics, nonfinite, optim, run_record,
-                   throughput, validation)
+from mmjax import (checkpoint, compilation_cache, evals, inference, init_from, metrics, nonfinite, optim, remat_auto,
+                   run_record, throughput, validation)
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.predictor import Predictor
-from mmjax.models import towers
+from mmjax.models import layers, towers
 from mmjax.objectives import multimodal
 from mmjax.parallel import sharding
 from mmjax.tools import flops
@@ -259,13 +259,18 @@ def _run(config, workdir, mesh, ckpt, opened, cache_dir):
         if jax.process_index() == 0:  # after the restore: a record never describes a checkpoint it cannot load
             run_record.write(workdir, config, tok)
         batch_shardings = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
-        train_step = jax.jit(
-            parts.train_step(config),
-            in_shardings=(state_shardings, batch_shardings),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
-        compile_step = functools.partial(_compile, train_step, cache_dir=cache_dir)
+        def jit_step(remat: str):
+            """The train step of the config's model under `remat` (model.remat=auto tries several)."""
+            remat_model = model if remat == config.model.remat else inference.model_for(_with_remat(config, remat), tok)
+            return jax.jit(
+                make_train_step(remat_model, parts.tx, parts.schedule, config, mesh, tok.pad_id),
+                in_shardings=(state_shardings, batch_shardings),
+                out_shardings=(state_shardings, sharding.replicated(mesh)),
+                donate_argnums=0,
+            )
+
+        compile_step = functools.partial(_compile, jit_step, config.model.remat, cache_dir=cache_dir,
+                                         device=mesh.devices.flat[0])
         evaluator = _Evaluation(config, model, tok, mesh, state_shardings["params"], workdir)
         writer = metrics.MetricsWriter(workdir, start_step)
         data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
@@ -340,13 +345,25 @@ def _log_window(config, mesh, tokenizer) -> throughput.LogWindow:
     return throughput.LogWindow(config.batch_size, step_flops, mesh.devices.size, peak)
 
 
-def _compile(train_step, state, batch, cache_dir):
+def _with_remat(config, remat: str):
+    config = config.copy_and_resolve_references()
+    config.model.remat = remat
+    return config
+
+
+def _compile(jit_step, remat, state, batch, cache_dir, device):
     """Compile the step ahead of its first call, so the console can say how long it took,
-    whether the persistent cache had it, and what it holds in memory."""
+    whether the persistent cache had it, and what it holds in memory. model.remat=auto:
+    the least rematerialisation that fits the device (mmjax.remat_auto)."""
     print("compiling the train step...", flush=True)
     start = time.perf_counter()
     with compilation_cache.Watch() as cache:
-        compiled = train_step.lower(state, batch).compile()
+        if remat == layers.REMAT_AUTO:
+            remat, compiled, notes = remat_auto.choose(lambda r: jit_step(r).lower(state, batch).compile(),
+                                                       remat_auto.device_memory(device))
+            print(f"model.remat=auto chose {remat}: " + "; ".join(notes), flush=True)
+        else:
+            compiled = jit_step(remat).lower(state, batch).compile()
     seconds = time.perf_counter() - start
     if cache.hit:
         print(f"loaded from the compilation cache {cache_dir} in {seconds:.1f} s", flush=True)

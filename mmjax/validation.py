@@ -287,7 +287,7 @@ RULES: dict[str, Check] = {
     "model.logit_scale_init": optional(number(), PAPER_INIT),
     "model.logit_scale_max": optional(number(finite=False), PAPER_INIT + "; inf: no clamp"),
     "model.logit_bias_init": optional(number(), PAPER_INIT),
-    "model.remat": one_of(layers.REMAT_CHOICES),
+    "model.remat": one_of((*layers.REMAT_CHOICES, layers.REMAT_AUTO)),
     "model.scan_layers": flag,
     "model.attention": one_of(layers.ATTENTION_IMPLS),
     "model.patch_dropout": number(0, 1, high_open=True),

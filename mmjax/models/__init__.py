@@ -88,13 +88,13 @@ def logit_inits(model_cfg, contrastive: str) -> dict:
 
 
 def _training_options(model_cfg) -> dict:
-    if model_cfg.remat not in layers.REMAT_CHOICES:
-        raise ValueError(f"unknown model.remat {model_cfg.remat!r}; valid: {list(layers.REMAT_CHOICES)}")
+    if model_cfg.remat not in (*layers.REMAT_CHOICES, layers.REMAT_AUTO):
+        raise ValueError(f"unknown model.remat {model_cfg.remat!r}; valid: {[*layers.REMAT_CHOICES, layers.REMAT_AUTO]}")
     if not 0.0 <= model_cfg.patch_dropout < 1.0:
         raise ValueError(f"model.patch_dropout must be in [0, 1), got {model_cfg.patch_dropout}")
     return dict(
         dtype=DTYPES[model_cfg.dtype],
-        remat=model_cfg.remat,
+        remat="none" if model_cfg.remat == layers.REMAT_AUTO else model_cfg.remat,  # see layers.REMAT_AUTO
         scan_layers=model_cfg.scan_layers,
         patch_dropout=model_cfg.patch_dropout,
         image_mean=tuple(model_cfg.image_mean),

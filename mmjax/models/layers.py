@@ -296,6 +296,10 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 REMAT_CHOICES = ("none", *REMAT_POLICIES)
+# model.remat="auto": the trainer compiles with REMAT_CHOICES in turn and keeps the least
+# rematerialisation that fits the device (mmjax.remat_auto). A model built anywhere else
+# (evaluation, prediction, summaries) runs forward only, where remat changes nothing: "none".
+REMAT_AUTO = "auto"
 SCANNED_BLOCKS = "blocks"  # the scanned stack's parameter name
 
 
