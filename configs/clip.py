@@ -104,7 +104,7 @@ def clip_model(
 
 def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
     c.model = clip_model(**size, layernorm_eps=1e-5, mlp_activation="gelu")  # open_clip's (torch's) numerics
-    c.model.update(dict(dtype="bfloat16", vocab_size=49_408, remat="dots", scan_layers=True))
+    c.model.update(dict(dtype="bfloat16", vocab_size=49_408, remat="auto", scan_layers=True))
     c.data.image_size = 224
     c.data.augment.crop = "random_resized"
     c.model.update(dict(image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD))

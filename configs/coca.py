@@ -187,7 +187,8 @@ def paper_variant(c: ml_collections.ConfigDict, size: dict) -> None:
         )
     )
     c.model.scan_layers = True  # compile time independent of depth
-    c.model.remat = "full" if w > 1024 else "dots"  # the 2.1B model keeps only block inputs
+    # The 2.1B model keeps only block inputs; the others take the least remat that fits the chip.
+    c.model.remat = "full" if w > 1024 else "auto"
     c.data.image_size = 288
     c.data.augment.crop = "random_resized"
     c.model.update(dict(image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD))
@@ -219,7 +220,7 @@ def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
         dict(patch_size=size["patch"], width=w, depth=size["vision_depth"], mlp_dim=4 * w, heads=size["vision_heads"])
     )
     c.model.text.update(dict(width=e, unimodal_depth=12, multimodal_depth=12, mlp_dim=4 * e, heads=size["text_heads"]))
-    c.model.scan_layers, c.model.remat = True, "dots"
+    c.model.scan_layers, c.model.remat = True, "auto"
     c.data.image_size = 224
     c.data.augment.crop = "random_resized"
     c.data.text_len = 77  # BOS…EOS rows; the model reads all but the last: open_clip's 76 tokens (+ [CLS])
