@@ -74,6 +74,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # jax's persistent compilation cache, so a resumed or repeated run does not recompile:
     # "user" ($XDG_CACHE_HOME or ~/.cache, /mmjax/xla) | "workdir" (<workdir>/xla_cache) | "off" | a directory.
     c.compilation_cache = "user"
+    # "N,M": a jax.profiler trace of train steps N..M into <workdir>/profile (TensorBoard, Perfetto).
+    c.profile_steps = ""
     # Fine-tune: a new run's parameters from a workdir or an OpenCLIP checkpoint file (step and
     # optimizer fresh); include/exclude are regexes over parameter paths (README, "Fine-tune from
     # weights"). Not "from": a Python keyword cannot be set as --config.init.from.

@@ -53,7 +53,7 @@ RESUMABLE = (
     # model and loss options with the same parameters
     "model.dtype", "model.remat", "model.patch_dropout", "model.attention",
     # how the step is measured and compiled
-    "peak_tflops", "compilation_cache",
+    "peak_tflops", "compilation_cache", "profile_steps",
     "objective.impl", "objective.block_size", "objective.contrastive_weight", "objective.caption_weight",
 )
 
@@ -72,6 +72,7 @@ IMPLIED_BEFORE_THEY_EXISTED = {
     "model.attention": "einsum",  # the one implementation there was
     "peak_tflops": None,
     "compilation_cache": "off",
+    "profile_steps": "",
 }
 
 

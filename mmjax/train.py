@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import (checkpoint, compilation_cache, evals, inference, init_from, metrics, nonfinite, optim, remat_auto,
-                   run_record, throughput, validation)
+from mmjax import (checkpoint, compilation_cache, evals, inference, init_from, metrics, nonfinite, optim, profiling,
+                   remat_auto, run_record, throughput, validation)
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.predictor import Predictor
@@ -276,7 +276,7 @@ def _run(config, workdir, mesh, ckpt, opened, cache_dir):
         data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
         try:
             results = _loop(config, state, start_step, compile_step, data, batch_shardings, ckpt, evaluator, writer,
-                            speed)
+                            speed, workdir)
         finally:
             writer.plot()  # also when the run stopped itself: the curves show why
             writer.close()
@@ -388,13 +388,18 @@ def _save(ckpt, step, state, data) -> None:
     ckpt.save(step, state, pipeline.data_state(data.iterator, data.fingerprint))
 
 
-def _loop(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed):
-    with _Interrupts() as interrupts:
-        return _train(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed,
-                      interrupts)
+def _loop(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed, workdir):
+    trace = profiling.StepTrace(config.get("profile_steps", ""), workdir)
+    try:
+        with _Interrupts() as interrupts:
+            return _train(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed,
+                          interrupts, trace)
+    finally:
+        trace.stop()  # a run that ended or stopped inside the traced steps still leaves its trace
 
 
-def _train(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed, interrupts):
+def _train(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed, interrupts,
+           trace):
     guard = nonfinite.NonFiniteMonitor(
         config.max_nonfinite_steps,
         f"lower --config.optimizer.learning_rate (now {config.optimizer.learning_rate:g})"
@@ -412,8 +417,10 @@ def _train(config, state, step, compile_step, data, batch_shardings, ckpt, evalu
         batch = pipeline.to_global({k: batch[k] for k in batch_shardings}, batch_shardings["image"])
         if train_step is None:
             train_step = compile_step(state, batch)
+        trace.before(step + 1)
         state, logs = train_step(state, batch)
         step += 1
+        trace.after(step, logs)
         guard.push(step, logs["nonfinite"])
         ckpt.check_for_errors()  # a failed async save stops the run now, not at the next save
         if not speed.started:  # time from after the first step

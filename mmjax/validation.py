@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any, Callable, Iterator
 
-from mmjax import models, optim
+from mmjax import models, optim, profiling
 from mmjax.data import clip_bpe, preprocess, sources
 from mmjax.errors import ConfigError, UserError
 from mmjax.models import clip, coca, layers, text, towers
@@ -225,6 +225,13 @@ def checked_with_its_entry(key, value) -> None:
     """An evaluator's option: its type's OPTION_RULES check it in `evaluator_entries`."""
 
 
+def profile_steps(key, value) -> None:
+    try:
+        profiling.parse(value)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{key}: {e}; set --config.{key}=N,M (train steps N to M, 1 <= N <= M) or '' for none")
+
+
 POSITIVE = integer(1)
 PAPER_INIT = "the paper's value for objective.contrastive"
 
@@ -239,6 +246,7 @@ RULES: dict[str, Check] = {
     "max_nonfinite_steps": POSITIVE,
     "peak_tflops": optional(number(0, low_open=True), "the device's row of mmjax.throughput.PEAK_TFLOPS"),
     "compilation_cache": string,  # user | workdir | off | a directory
+    "profile_steps": profile_steps,
     # fine-tuning (mmjax.init_from); the trainer checks that init.path exists when it will read it
     "init.path": string,
     "init.include": regex,
