@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mmjax import throughput
+
 ORDER = ("none", "dots", "full")  # least recompute first
 HEADROOM = 0.9  # of the device's memory: the allocator, input batches and the evaluator need the rest
 
@@ -24,10 +26,7 @@ def device_memory(device) -> int | None:
 def needed_bytes(compiled) -> int | None:
     """What the compiled program holds on a device at its peak: arguments, outputs not
     aliased to donated arguments, temporaries, code; None where XLA gives no analysis."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # a backend without the analysis
-        return None
+    m = throughput.memory_analysis(compiled)
     if m is None:
         return None
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -46,8 +45,8 @@ def choose(compile_with: Callable[[str], object], limit: int | None) -> tuple[st
             notes.append(f"{remat} (the device reports no memory limit)")
             return remat, compiled, notes
         fits = need <= HEADROOM * limit
-        notes.append(f"{remat} needs {need / 2**30:.2f} GiB of {HEADROOM:.0%} × {limit / 2**30:.2f} GiB: "
-                     + ("fits" if fits else "too much"))
+        notes.append(f"{remat} needs {throughput.format_bytes(need)} of {HEADROOM:.0%} × "
+                     f"{throughput.format_bytes(limit)}: " + ("fits" if fits else "too much"))
         if fits:
             return remat, compiled, notes
     return remat, compiled, notes

@@ -57,16 +57,27 @@ _MEMORY_FIELDS = (  # CompiledMemoryStats attribute -> what the report calls it
 )
 
 
+def memory_analysis(compiled):
+    """XLA's CompiledMemoryStats of a compiled program; None where the backend does not say
+    (memory_analysis() is None or raises)."""
+    try:
+        return compiled.memory_analysis()
+    except Exception:  # backends without the analysis raise (e.g. Unimplemented)
+        return None
+
+
 def memory_per_device(compiled) -> dict[str, int]:
     """The compiled step's buffers on one device in bytes, e.g. {"arguments": ..., "temporaries":
-    ...}; {} where the backend does not say (memory_analysis() is None or raises)."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # backends without the analysis raise (e.g. Unimplemented)
-        return {}
+    ...}; {} where the backend does not say."""
+    stats = memory_analysis(compiled)
     if stats is None:
         return {}
     return {name: int(getattr(stats, attr)) for attr, name in _MEMORY_FIELDS if hasattr(stats, attr)}
+
+
+def describe_memory(memory: dict[str, int]) -> str:
+    """memory_per_device's dict as one line: 'arguments 20.2 MiB, outputs 19.8 MiB, ...'."""
+    return ", ".join(f"{k} {format_bytes(v)}" for k, v in memory.items())
 
 
 def format_bytes(n: int) -> str:

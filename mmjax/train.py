@@ -372,8 +372,7 @@ def _compile(jit_step, remat, state, batch, cache_dir, device):
               flush=True)
     memory = throughput.memory_per_device(compiled)
     if memory:
-        print("memory per device: " + ", ".join(f"{k} {throughput.format_bytes(v)}" for k, v in memory.items()),
-              flush=True)
+        print(f"memory per device: {throughput.describe_memory(memory)}", flush=True)
     return compiled
 
 

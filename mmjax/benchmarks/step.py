@@ -106,7 +106,7 @@ def main(argv):
           f"{step['tflops_per_device']:.3g} | {mfu} | - |")
     for ref in (square, shaped):
         print(f"| {ref['name']} | - | {ref['gflops']:.1f} | - | - | {step['gflops'] / ref['gflops']:.2f} |")
-    memory = ", ".join(f"{k} {throughput.format_bytes(v)}" for k, v in step["memory_per_device_bytes"].items())
+    memory = throughput.describe_memory(step["memory_per_device_bytes"])
     print(f"\ncompiled in {step['compile_seconds']:.1f} s; memory per device: {memory or 'not reported'}")
 
 
