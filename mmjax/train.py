@@ -18,12 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from mmjax import (checkpoint, compilation_cache, evals, inference, init_from, metrics, nonfinite, optim, profiling,
-                   remat_auto, run_record, throughput, validation)
+                   remat_auto, run_record, throughput, train_step, validation)
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.predictor import Predictor
-from mmjax.models import layers, towers
-from mmjax.objectives import multimodal
+from mmjax.models import layers
 from mmjax.parallel import sharding
 from mmjax.tools import flops
 
@@ -84,49 +83,6 @@ def build_state(model, tx, config, mesh, rules):
     return init(jax.random.key(config.seed)), shardings
 
 
-def locked_mask(model, model_cfg):
-    """LiT: fn(params) -> True for the locked towers' parameters, or None if nothing is locked."""
-    locked = towers.locked_towers(model_cfg)
-    return towers.locked_mask(model, locked) if locked else None
-
-
-def make_train_step(model, tx, schedule, config, mesh, pad_id):
-    locked = locked_mask(model, config.model)
-
-    def train_step(state, batch):
-        inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
-        # Training-only randomness (FLIP patch dropout) from (seed, step): a resumed run
-        # draws exactly what the uninterrupted one did.
-        dropout_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-
-        def loss_fn(params):
-            if locked is not None:
-                params = towers.stop_locked_gradients(params, locked(params))
-            outputs = model.apply(
-                {"params": params}, batch["image"], inputs, train=True, rngs={"dropout": dropout_rng}
-            )
-            loss, components = multimodal.total_loss(outputs, targets, config.objective, pad_id, mesh)
-            scalars = {k: outputs[k] for k in ("logit_scale", "logit_bias") if k in outputs}
-            return loss, {**components, **scalars}
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        # The non-finite guard: a NaN/inf loss or gradient leaves parameters and optimizer
-        # state as they were (the step counter and the data still move on).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = nonfinite.select_finite(
-            finite,
-            (optax.apply_updates(state["params"], updates), opt_state),
-            (state["params"], state["opt_state"]),
-        )
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        logs = {"loss": loss, **aux, "lr": schedule(state["step"]), "grad_norm": grad_norm, "nonfinite": ~finite}
-        return new_state, logs
-
-    return train_step
-
-
 class _Interrupts:
     """SIGTERM (a preempted VM, `kill`) and a first Ctrl-C ask the loop to checkpoint the
     current step and exit cleanly. A second Ctrl-C kills the process at once (the OS
@@ -168,7 +124,7 @@ class Components:
     schedule: optax.Schedule
 
     def train_step(self, config):
-        return make_train_step(self.model, self.tx, self.schedule, config, self.mesh, self.tokenizer.pad_id)
+        return train_step.make_train_step(self.model, self.tx, self.schedule, config, self.mesh, self.tokenizer.pad_id)
 
 
 def build_components(config, tokenizer_path: str, devices=None) -> Components:
@@ -181,7 +137,7 @@ def build_components(config, tokenizer_path: str, devices=None) -> Components:
         rules=sharding.rules_from_config(config.mesh),
         tokenizer=tok,
         model=model,
-        tx=optim.make_optimizer(config.optimizer, config.total_steps, locked_mask(model, config.model)),
+        tx=optim.make_optimizer(config.optimizer, config.total_steps, train_step.locked_mask(model, config.model)),
         schedule=optim.learning_rate_schedule(config.optimizer, config.total_steps),
     )
 
@@ -263,7 +219,7 @@ def _run(config, workdir, mesh, ckpt, opened, cache_dir):
             """The train step of the config's model under `remat` (model.remat=auto tries several)."""
             remat_model = model if remat == config.model.remat else inference.model_for(_with_remat(config, remat), tok)
             return jax.jit(
-                make_train_step(remat_model, parts.tx, parts.schedule, config, mesh, tok.pad_id),
+                train_step.make_train_step(remat_model, parts.tx, parts.schedule, config, mesh, tok.pad_id),
                 in_shardings=(state_shardings, batch_shardings),
                 out_shardings=(state_shardings, sharding.replicated(mesh)),
                 donate_argnums=0,
@@ -405,7 +361,7 @@ def _train(config, state, step, compile_step, data, batch_shardings, ckpt, evalu
         + ("" if config.optimizer.grad_clip_norm else ", set --config.optimizer.grad_clip_norm=1")
         + " or check the data",
     )
-    train_step = None  # compiled at the first batch
+    step_fn = None  # compiled at the first batch
     # A finished run re-launched: nothing to train, report the final checkpoint again.
     results = evaluator(state["params"], step, final=True) if step >= config.total_steps else None
     while step < config.total_steps:
@@ -414,10 +370,10 @@ def _train(config, state, step, compile_step, data, batch_shardings, ckpt, evalu
         speed.add_data_wait(time.perf_counter() - asked)
         data.skips.update(batch)
         batch = pipeline.to_global({k: batch[k] for k in batch_shardings}, batch_shardings["image"])
-        if train_step is None:
-            train_step = compile_step(state, batch)
+        if step_fn is None:
+            step_fn = compile_step(state, batch)
         trace.before(step + 1)
-        state, logs = train_step(state, batch)
+        state, logs = step_fn(state, batch)
         step += 1
         trace.after(step, logs)
         guard.push(step, logs["nonfinite"])

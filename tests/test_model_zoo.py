@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import optim, train
+from mmjax import optim, train, train_step
 from mmjax.configs import load_config
 from mmjax.models import build_model, layers, model_vocab_size, scan_layout
 from mmjax.models.coca import CoCa
@@ -295,13 +295,13 @@ def train_step_on_one_device(config, pad_id=PAD):
     """-> (initial state, jitted train step, a batch) for `config` on one device."""
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     model = build_model(config.model, VOCAB, pad_id, contrastive=config.objective.contrastive)
-    tx = optim.make_optimizer(config.optimizer, config.total_steps, train.locked_mask(model, config.model))
+    tx = optim.make_optimizer(config.optimizer, config.total_steps, train_step.locked_mask(model, config.model))
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     images, tokens = batch(8)
     tokens = np.concatenate([tokens, np.zeros((8, 1), np.int32)], axis=1)  # rows of data.text_len = 8
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         state, _ = train.build_state(model, tx, config, mesh, RULES)
-    step = jax.jit(train.make_train_step(model, tx, schedule, config, mesh, pad_id))
+    step = jax.jit(train_step.make_train_step(model, tx, schedule, config, mesh, pad_id))
     return state, step, {"image": images, "tokens": tokens}
 
 
@@ -344,6 +344,6 @@ def test_locking_text_freezes_exactly_the_text_tower():
     config = tiny_train_config(**{"model.lock_text": True})
     model = build_model(config.model, VOCAB, PAD, contrastive=config.objective.contrastive)
     _, _, params = init(config.model)
-    frozen = train.locked_mask(model, config.model)(params)
+    frozen = train_step.locked_mask(model, config.model)(params)
     assert {name for name, sub in frozen.items() if all(jax.tree.leaves(sub))} == set(CoCa.towers["text"])
     assert not any(jax.tree.leaves({k: v for k, v in frozen.items() if k not in CoCa.towers["text"]}))

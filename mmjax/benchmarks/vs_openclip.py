@@ -6,7 +6,7 @@ Both sides build the same architecture (parameter counts are checked equal) and 
 whole step: pixels normalised from uint8, forward, CLIP's symmetric softmax loss, backward,
 gradient clipping and AdamW with the same hyper-parameters (no decay on vectors and
 scalars). Inputs are random uint8 images and token rows. mmjax runs the trainer's own step
-(mmjax.train.make_train_step, state donated as in training); open_clip runs
+(mmjax.train_step.make_train_step, state donated as in training); open_clip runs
 open_clip.model.CLIP with open_clip.loss.ClipLoss and torch.optim.AdamW. Time: median of
 `steps` steps after warm-up (compilation), the frameworks taking turns step by step so that a
 shared machine's changing load falls on both alike. On CPU both run f32 with the same number of
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mmjax import optim, train
+from mmjax import optim, train, train_step
 from mmjax.configs import load_config
 from mmjax.interop import openclip_models, torch_peer
 from mmjax.models import build_model
@@ -117,7 +117,7 @@ def mmjax_step(config, batch: dict):
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, _ = train.build_state(model, tx, config, mesh, rules)
-        step = jax.jit(train.make_train_step(model, tx, schedule, config, mesh, 0), donate_argnums=0)
+        step = jax.jit(train_step.make_train_step(model, tx, schedule, config, mesh, 0), donate_argnums=0)
         on_device = jax.device_put(batch, sharding.batch_sharding(mesh))
     box = [state]
 
