@@ -51,7 +51,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model = clip_model(
         embed=128, patch=4, vision_width=128, vision_depth=3, vision_heads=2, text_width=128, text_heads=2, text_depth=3
     )
-    c.objective.caption_weight = 0.0  # contrastive only
+    # Contrastive only: no caption term (not one of weight 0), as the model has no decoder to train.
+    del c.objective.caption
     del c.evals.captioning  # no decoder
     if variant:
         open_clip_variant(c, OPEN_CLIP_SIZES[variant])
@@ -86,7 +87,7 @@ def clip_model(
             projection_bias=False,
             layernorm_eps=layernorm_eps,  # every LayerNorm's ε
             mlp_activation=mlp_activation,  # every MLP's: gelu (exact) | gelu_tanh | quick_gelu
-            # None: objective.contrastive's paper init (configs/coca.py, mmjax.models).
+            # None: objective.contrastive.type's paper init (configs/coca.py, mmjax.models).
             logit_scale_init=placeholder(float),
             logit_scale_max=placeholder(float),
             logit_bias_init=placeholder(float),
@@ -113,5 +114,5 @@ def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
     c.total_steps = 400_000
     c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
     c.optimizer.update(dict(learning_rate=5e-4, warmup_steps=10_000, b2=0.98, eps=1e-6, weight_decay=0.2))
-    c.objective.block_size = 1024
+    c.objective.contrastive.options.block_size = 1024
     c.mesh.data, c.mesh.fsdp = -1, 1

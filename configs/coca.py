@@ -42,6 +42,7 @@ from ml_collections.config_dict import placeholder
 
 from mmjax import evals
 from mmjax.data.pipeline import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, default_data_config
+from mmjax.objectives.objective import term
 
 VARIANTS = ("", "base", "large", "giant", "openclip_b32", "openclip_l14")
 
@@ -111,18 +112,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Numerics (docs/models.md, "Numerics"): flax's and big_vision's; open_clip's CLIP: 1e-5 and "gelu".
     c.model.layernorm_eps = 1e-6  # every LayerNorm's ε
     c.model.mlp_activation = "gelu_tanh"  # every MLP's: gelu (exact, erf) | gelu_tanh | quick_gelu (x·σ(1.702x))
-    # The contrastive loss's learned scalars: None takes objective.contrastive's paper init
+    # The contrastive loss's learned scalars: None takes objective.contrastive.type's paper init
     # (softmax: log 1/0.07 clamped at log 100, no bias; sigmoid: log 10, no clamp, b = -10).
     c.model.logit_scale_init = placeholder(float)  # t′: logits are scaled by exp(t′)
     c.model.logit_scale_max = placeholder(float)  # clamp on t′; inf: none
     c.model.logit_bias_init = placeholder(float)  # SigLIP's b; sigmoid loss only
 
+    # The loss: Σ weight · loss over named terms {type, weight, options}, each logged as <name>_loss
+    # (types: mmjax.objectives.registry). A term with weight 0 is not computed.
     c.objective = ml_collections.ConfigDict()
-    c.objective.contrastive = "clip"  # symmetric InfoNCE; "siglip" for the sigmoid loss
-    c.objective.contrastive_weight = 1.0  # λ_con
-    c.objective.caption_weight = 2.0  # λ_cap
-    c.objective.impl = "blockwise"  # dense | blockwise | pallas | ring
-    c.objective.block_size = 128
+    # λ_con · L_con. type: clip (symmetric InfoNCE) | siglip (sigmoid; also the logit inits);
+    # impl: dense | blockwise | pallas | ring (a sharded batch runs blockwise/pallas tiles on a ring).
+    c.objective.contrastive = term("clip", 1.0, impl="blockwise", block_size=128)
+    c.objective.caption = term("captioning", 2.0)  # λ_cap · L_cap: next-token cross-entropy
+
+    # Gradient accumulation: each step's gradient from `steps` micro-batches of batch_size / steps
+    # (each a multiple of the mesh's batch shards), for a batch whose activations do not fit.
+    # mode: gradcache (GradCache: exact for contrastive terms too; a second forward pass) |
+    # grads (sums micro-batch gradients; per-example terms only, e.g. captioning alone).
+    c.accumulate = ml_collections.ConfigDict(dict(steps=1, mode="gradcache"))  # steps 1: off
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"
@@ -199,7 +207,7 @@ def paper_variant(c: ml_collections.ConfigDict, size: dict) -> None:
     c.total_steps = 500_000
     c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
     c.optimizer.update(dict(learning_rate=8e-4, warmup_steps=10_000, b2=0.999, weight_decay=0.01))
-    c.objective.block_size = 1024
+    c.objective.contrastive.options.block_size = 1024
     c.mesh.data, c.mesh.fsdp = 1, -1  # fully sharded data parallel over every device
 
 
@@ -230,5 +238,5 @@ def open_clip_variant(c: ml_collections.ConfigDict, size: dict) -> None:
     c.total_steps = 400_000
     c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 5_000
     c.optimizer.update(dict(learning_rate=5e-4, warmup_steps=10_000, b2=0.98, eps=1e-6, weight_decay=0.2))
-    c.objective.block_size = 1024
+    c.objective.contrastive.options.block_size = 1024
     c.mesh.data, c.mesh.fsdp = -1, 1

@@ -51,5 +51,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             mlp_activation="gelu_tanh",  # big_vision: flax nn.gelu's default (approximate=True)
         )
     )
-    c.objective.contrastive = "siglip"  # also the inits: t′ = log 10 (not clamped), b = -10
+    c.objective.contrastive.type = "siglip"  # also the inits: t′ = log 10 (not clamped), b = -10
     return c

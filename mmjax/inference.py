@@ -19,6 +19,7 @@ from mmjax import checkpoint, run_record
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.errors import UserError
 from mmjax.models import build_model
+from mmjax.objectives import objective
 from mmjax.parallel import sharding
 
 
@@ -36,7 +37,8 @@ class Run:
 
 def model_for(config, tokenizer) -> nn.Module:
     """The module a config trains (the trainer builds its model with this too)."""
-    return build_model(config.model, tokenizer.vocab_size, tokenizer.pad_id, contrastive=config.objective.contrastive)
+    return build_model(config.model, tokenizer.vocab_size, tokenizer.pad_id,
+                       contrastive=objective.contrastive_type(config.objective))
 
 
 def abstract_params(model, config, mesh, rules):

@@ -96,6 +96,7 @@ def predict(args) -> int:
     from mmjax.evals import prompts
     from mmjax.evals.predictor import Predictor
     from mmjax.models import decoding
+    from mmjax.objectives import objective
 
     labels = read_labels(args)
     templates = prompts.templates(args.templates) if args.templates else None
@@ -111,8 +112,8 @@ def predict(args) -> int:
     predictor = Predictor(run.model, run.tokenizer, run.config.data.text_len, run.mesh, shardings, batch_size=8)
     p = predictor.bind(run.params)
     image_emb = p.embed_images(images)
-    probs = (label_probabilities(p, image_emb, labels, templates, run.config.objective.contrastive == "siglip")
-             if labels else None)
+    sigmoid = objective.contrastive_type(run.config.objective) == "siglip"
+    probs = label_probabilities(p, image_emb, labels, templates, sigmoid) if labels else None
     captions = None
     if args.caption:
         method = args.method or ("beam" if args.beam else "greedy")

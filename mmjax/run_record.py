@@ -25,6 +25,7 @@ import json
 import os
 
 from mmjax.errors import ConfigError, UserError
+from mmjax.objectives import schema
 
 FILENAME = "config.json"
 # Written by mmjax.tools.import_openclip beside the record: the workdir holds imported
@@ -54,7 +55,8 @@ RESUMABLE = (
     "model.dtype", "model.remat", "model.patch_dropout", "model.attention",
     # how the step is measured and compiled
     "peak_tflops", "compilation_cache", "profile_steps",
-    "objective.impl", "objective.block_size", "objective.contrastive_weight", "objective.caption_weight",
+    # loss weights and implementations (a term's type decides the model's logit parameters), accumulation
+    "objective.*.weight", "objective.*.options.*", "accumulate.*",
 )
 
 _ABSENT = object()  # a key only one side has
@@ -155,10 +157,11 @@ def load(workdir: str):
 
 
 def read(workdir: str) -> dict | None:
-    """The workdir's record, or None when it has none (a new workdir, or one from before records)."""
+    """The workdir's record, or None when it has none (a new workdir, or one from before records).
+    A record from before the objective's named terms is read in today's schema (objectives.schema)."""
     try:
         with open(path(workdir)) as f:
-            return json.load(f)
+            return schema.upgrade(json.load(f))
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as e:

@@ -48,6 +48,7 @@ def check_config(config, mesh) -> None:
             f"batch_size {config.batch_size} is not divisible by the {shards} batch shards of the mesh "
             f"{dict(mesh.shape)}; set --config.batch_size to a multiple of {shards}"
         )
+    train_step.check_accumulation(config, mesh)
 
 
 def _init_fn(model, tx, config):

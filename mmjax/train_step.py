@@ -1,5 +1,9 @@
 """The train step: loss, gradients, the non-finite guard and the optimizer update, as one
-pure function of (state, batch) for jax.jit."""
+pure function of (state, batch) for jax.jit.
+
+The loss is config.objective's terms (mmjax.objectives.objective); with config.accumulate.steps
+> 1 the gradient comes from micro-batches (mmjax.objectives.accumulate: "grads" or GradCache).
+"""
 from __future__ import annotations
 
 import jax
@@ -7,8 +11,10 @@ import jax.numpy as jnp
 import optax
 
 from mmjax import nonfinite
+from mmjax.errors import ConfigError
 from mmjax.models import towers
-from mmjax.objectives import multimodal
+from mmjax.objectives import accumulate, objective as objective_lib
+from mmjax.parallel import sharding
 
 
 def locked_mask(model, model_cfg):
@@ -17,26 +23,47 @@ def locked_mask(model, model_cfg):
     return towers.locked_mask(model, locked) if locked else None
 
 
+def check_accumulation(config, mesh) -> None:
+    """What validation cannot know without the mesh: each micro-batch splits over every batch shard."""
+    steps, shards = config.accumulate.steps, sharding.num_batch_shards(mesh)
+    if config.batch_size % (steps * shards):
+        raise ConfigError(
+            f"accumulate.steps={steps} cuts batch_size {config.batch_size} into micro-batches of "
+            f"{config.batch_size / steps:g}, which must be a multiple of the {shards} batch shards of the mesh "
+            f"{dict(mesh.shape)}; set --config.accumulate.steps so that batch_size / steps is a multiple of {shards}"
+        )
+
+
 def make_train_step(model, tx, schedule, config, mesh, pad_id):
     locked = locked_mask(model, config.model)
+    objective = objective_lib.build(config.objective, mesh=mesh, pad_id=pad_id)
+    steps = config.accumulate.steps
+
+    def forward(params, batch, rng):
+        if locked is not None:
+            params = towers.stop_locked_gradients(params, locked(params))
+        return model.apply({"params": params}, batch["image"], batch["tokens"][:, :-1], train=True,
+                           rngs={"dropout": rng})
+
+    def gradients(params, batch, rng):
+        """-> (loss, logs, grads) on the global batch, at once or in micro-batches."""
+        if steps > 1:
+            return accumulate.gradients(forward, params, batch, rng, objective, steps, mesh)
+
+        def loss_fn(params):
+            outputs = forward(params, batch, rng)
+            loss, logs = objective_lib.total_loss(objective, outputs, batch)
+            return loss, {**logs, **objective_lib.scalar_outputs(outputs)}
+
+        (loss, logs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, logs, grads
 
     def train_step(state, batch):
-        inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+        batch = {**batch, "targets": batch["tokens"][:, 1:]}  # next-token targets of the inputs tokens[:, :-1]
         # Training-only randomness (FLIP patch dropout) from (seed, step): a resumed run
         # draws exactly what the uninterrupted one did.
         dropout_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-
-        def loss_fn(params):
-            if locked is not None:
-                params = towers.stop_locked_gradients(params, locked(params))
-            outputs = model.apply(
-                {"params": params}, batch["image"], inputs, train=True, rngs={"dropout": dropout_rng}
-            )
-            loss, components = multimodal.total_loss(outputs, targets, config.objective, pad_id, mesh)
-            scalars = {k: outputs[k] for k in ("logit_scale", "logit_bias") if k in outputs}
-            return loss, {**components, **scalars}
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        loss, aux, grads = gradients(state["params"], batch, dropout_rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         # The non-finite guard: a NaN/inf loss or gradient leaves parameters and optimizer

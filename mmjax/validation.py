@@ -19,7 +19,6 @@ from mmjax import models, optim, profiling
 from mmjax.data import clip_bpe, preprocess, sources
 from mmjax.errors import ConfigError, UserError
 from mmjax.models import clip, coca, layers, text, towers
-from mmjax.objectives import contrastive
 from mmjax.parallel import sharding
 
 Check = Callable[[str, Any], None]  # (dotted key, value) -> None, or raises ConfigError
@@ -232,8 +231,14 @@ def profile_steps(key, value) -> None:
         raise ConfigError(f"{key}: {e}; set --config.{key}=N,M (train steps N to M, 1 <= N <= M) or '' for none")
 
 
+def accumulation_mode(key, value) -> None:
+    from mmjax.objectives import accumulate  # it imports the objective's registry, which imports this module
+
+    one_of(accumulate.MODES)(key, value)
+
+
 POSITIVE = integer(1)
-PAPER_INIT = "the paper's value for objective.contrastive"
+PAPER_INIT = "the paper's value for objective.contrastive.type"
 
 RULES: dict[str, Check] = {
     "seed": integer(0),
@@ -302,12 +307,12 @@ RULES: dict[str, Check] = {
     **{f"model.lock_{tower}": flag for tower in towers.LOCKABLE},
     "model.image_mean": numbers(3, "numbers (R, G, B)", lambda m: True, "(0.5, 0.5, 0.5)"),
     "model.image_std": numbers(3, "numbers above 0 (R, G, B)", lambda s: min(s) > 0, "(0.5, 0.5, 0.5)"),
-    # objective
-    "objective.contrastive": one_of(contrastive.KINDS),
-    "objective.contrastive_weight": number(0),
-    "objective.caption_weight": number(0),
-    "objective.impl": one_of(contrastive.IMPLS),
-    "objective.block_size": POSITIVE,
+    # objective: named terms (mmjax.objectives.registry); objective_terms checks types and options
+    "objective.*.type": string,
+    "objective.*.weight": number(0),
+    "objective.*.options.*": checked_with_its_entry,
+    "accumulate.steps": POSITIVE,
+    "accumulate.mode": accumulation_mode,
     # optimizer
     "optimizer.name": one_of(optim.OPTIMIZERS),
     "optimizer.learning_rate": number(0, low_open=True),
@@ -381,23 +386,57 @@ def one_mesh_remainder(config) -> None:
         )
 
 
+def objective_terms(config) -> None:
+    """Each config.objective term: exactly {type, weight, options}, a known type, a decoder where
+    it reads one, and its type's options; at most one term trains the logit scalars."""
+    from mmjax.objectives import objective, registry
+
+    model = _get(config, "model.name")
+    for name, term in (_get(config, "objective") or {}).items():
+        where = f"objective.{name}"
+        fields = sorted(term.keys()) if hasattr(term, "items") else repr(term)
+        if not hasattr(term, "items") or set(term.keys()) != set(objective.TERM_FIELDS):
+            raise ConfigError(f"{where} has fields {fields}; a term has exactly {list(objective.TERM_FIELDS)}: "
+                              "build it with mmjax.objectives.objective.term(TYPE, weight, **options)")
+        one_of(registry.TYPES)(f"{where}.type", term.type)
+        kind = registry.TYPES[term.type]
+        if kind.needs_decoder and term.weight > 0 and model in models.MODEL_CLASSES \
+                and not models.MODEL_CLASSES[model].has_decoder:
+            captioners = [n for n, cls in models.MODEL_CLASSES.items() if cls.has_decoder]
+            raise ConfigError(f"{where}.type={term.type!r} needs a caption decoder, but model.name={model!r} has none "
+                              f"(models with one: {', '.join(captioners)}); set --config.{where}.weight=0")
+        for option, value in (term.options if hasattr(term.options, "items") else {}).items():
+            if option not in kind.options:
+                raise ConfigError(f"unknown {where}.options.{option}={value!r}; a {term.type} term's options: "
+                                  f"{', '.join(kind.options) or 'none'}; remove it or fix its name")
+            kind.option_rules[option](f"{where}.options.{option}", value)
+    trainers = [f"objective.{n}" for n, t in config.objective.items() if registry.TYPES[t.type].logits]
+    if len(trainers) > 1:
+        raise ConfigError(f"{' and '.join(trainers)} each train the model's logit scale and bias; keep one of them")
+
+
 def some_loss(config) -> None:
-    weights = {key: _get(config, f"objective.{key}", 1) for key in ("contrastive_weight", "caption_weight")}
-    if not any(weights.values()):
+    weights = {f"objective.{name}.weight": term.weight for name, term in (_get(config, "objective") or {}).items()}
+    if not any(w > 0 for w in weights.values()):
         raise ConfigError(
-            " and ".join(f"objective.{k}={w}" for k, w in weights.items()) + " leave no loss to train; "
-            "set --config.objective.contrastive_weight (or caption_weight) above 0"
+            (" and ".join(f"{k}={w}" for k, w in weights.items()) or "an empty objective") + " leave no loss to "
+            "train; set a term's weight above 0, e.g. --config." + (next(iter(weights), "objective.X.weight")) + "=1"
         )
 
 
-def caption_needs_decoder(config) -> None:
-    weight, name = _get(config, "objective.caption_weight", 0), _get(config, "model.name")
-    if weight > 0 and name in models.MODEL_CLASSES and not models.MODEL_CLASSES[name].has_decoder:
-        captioners = [n for n, cls in models.MODEL_CLASSES.items() if cls.has_decoder]
-        raise ConfigError(
-            f"objective.caption_weight={weight} needs a caption decoder, but model.name={name!r} has none "
-            f"(models with one: {', '.join(captioners)}); set --config.objective.caption_weight=0"
-        )
+def accumulation_fits(config) -> None:
+    """Micro-batches split the batch evenly; summing their gradients ("grads") needs per-example terms."""
+    from mmjax.objectives import registry
+
+    steps, mode, batch = _get(config, "accumulate.steps", 1), _get(config, "accumulate.mode"), config.batch_size
+    if steps > 1 and batch % steps:
+        raise ConfigError(f"accumulate.steps={steps} does not divide batch_size={batch}; set --config.accumulate.steps "
+                          f"to a divisor of {batch}")
+    coupled = [f"objective.{n} ({t.type})" for n, t in config.objective.items()
+               if t.weight > 0 and registry.TYPES[t.type].batch_coupled]
+    if steps > 1 and mode == "grads" and coupled:
+        raise ConfigError(f"accumulate.mode='grads' sums the gradients of accumulate.steps={steps} micro-batches, but "
+                          f"{coupled[0]} couples the examples of the whole batch; set --config.accumulate.mode=gradcache")
 
 
 def something_to_train(config) -> None:
@@ -405,20 +444,23 @@ def something_to_train(config) -> None:
     name = _get(config, "model.name")
     if name not in models.MODEL_CLASSES or not all(_get(config, f"model.lock_{t}") for t in towers.LOCKABLE):
         return
-    decoder_learns = models.MODEL_CLASSES[name].has_decoder and _get(config, "objective.caption_weight", 0) > 0
-    if not decoder_learns:
+    from mmjax.objectives import registry
+
+    captions = any(t.weight > 0 and registry.TYPES[t.type].needs_decoder for t in config.objective.values())
+    if not (models.MODEL_CLASSES[name].has_decoder and captions):
         locks = " and ".join(f"model.lock_{t}=True" for t in towers.LOCKABLE)
         raise ConfigError(
             f"{locks} leave nothing to train in a {name} model"
-            + (" with objective.caption_weight=0" if models.MODEL_CLASSES[name].has_decoder else "")
+            + (" without a captioning term" if models.MODEL_CLASSES[name].has_decoder else "")
             + f"; set --config.model.lock_{towers.LOCKABLE[-1]}=False (or lock_{towers.LOCKABLE[0]})"
         )
 
 
 def bias_needs_sigmoid(config) -> None:
     """The model's own rule (mmjax.models.logit_inits), checked before any work."""
-    if _get(config, "objective.contrastive") in contrastive.KINDS:  # an unknown loss is its rule's to name
-        models.logit_inits(config.model, config.objective.contrastive)
+    from mmjax.objectives import objective
+
+    models.logit_inits(config.model, objective.contrastive_type(config.objective))
 
 
 def pinned_vocab_fits(config) -> None:
@@ -476,8 +518,9 @@ COMBINATIONS: tuple[Callable[[Any], None], ...] = (
     heads_divide_width,
     patches_tile_image,
     one_mesh_remainder,
+    objective_terms,
     some_loss,
-    caption_needs_decoder,
+    accumulation_fits,
     something_to_train,
     bias_needs_sigmoid,
     pinned_vocab_fits,

@@ -37,7 +37,7 @@ def tiny_train_config(**overrides) -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 2
     config.data.num_eval = 32
     config.eval.batch_size = 16
-    config.objective.block_size = 8
+    config.objective.contrastive.options.block_size = 8
     for key, value in overrides.items():
         node = config
         *path, leaf = key.split(".")

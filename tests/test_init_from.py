@@ -26,12 +26,12 @@ def config_for(model="configs/coca.py", depth=None, scan_layers=False, **overrid
     """A tiny run without evaluators (they cost seconds and test nothing here)."""
     model_overrides = {k: overrides.pop(k) for k in list(overrides) if k.startswith("model.")}
     config = tiny_train_config(**{"total_steps": 2, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
-                                  "objective.impl": "dense", **overrides})
+                                  "objective.contrastive.options.impl": "dense", **overrides})
     if depth is not None or model != "configs/coca.py":
         config.model = tiny_zoo_model(model, depth or 1)
     config.update_from_flattened_dict(model_overrides)  # after the model section is replaced: none is lost
     if config.model.name != "coca":
-        config.objective.caption_weight = 0.0
+        config.objective.caption.weight = 0.0
     config.model.scan_layers = scan_layers
     config.evals = ml_collections.ConfigDict()
     return config

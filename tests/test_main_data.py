@@ -24,7 +24,7 @@ TINY_CLIP = [
     "--config.eval.batch_size=8",
     "--config.model.vision.depth=1",
     "--config.model.text.depth=1",
-    "--config.objective.block_size=8",
+    "--config.objective.contrastive.options.block_size=8",
     "--config.log_every=1",
 ]
 

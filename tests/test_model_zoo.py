@@ -18,7 +18,7 @@ from mmjax import optim, train, train_step
 from mmjax.configs import load_config
 from mmjax.models import build_model, layers, model_vocab_size, scan_layout
 from mmjax.models.coca import CoCa
-from mmjax.objectives import multimodal
+from mmjax.objectives import objective as objective_lib
 from mmjax.parallel import sharding
 from mmjax.tools import summary
 from tests.helpers import tiny_train_config, tiny_zoo_model
@@ -54,15 +54,18 @@ def init(model_cfg, seed=0, contrastive="clip"):
     return model, boxed, random_params(boxed, seed)
 
 
+def contrastive_of(config) -> str:
+    return objective_lib.contrastive_type(config.objective)
+
+
 def loss_fn(model, objective):
     """The training loss of `model` on a fixed batch, as a function of its parameters."""
-    objective = objective.copy_and_resolve_references()
-    objective.impl = "dense"
+    terms = objective_lib.build(objective_lib.with_options(objective, impl="dense"), mesh=None, pad_id=PAD)
     images, tokens = batch()
 
     def loss(params):
         outputs = model.apply({"params": params}, images, tokens, train=True, rngs={"dropout": jax.random.key(1)})
-        return multimodal.total_loss(outputs, tokens, objective, PAD, None)[0]
+        return objective_lib.total_loss(terms, outputs, {"image": images, "tokens": tokens, "targets": tokens})[0]
 
     return loss
 
@@ -78,7 +81,8 @@ def count(tree) -> int:
 def test_every_config_builds_under_eval_shape(path, variant):
     config = load_config(path, variant)
     model = build_model(
-        config.model, model_vocab_size(config.model, config.data.vocab_size), contrastive=config.objective.contrastive
+        config.model, model_vocab_size(config.model, config.data.vocab_size),
+        contrastive=objective_lib.contrastive_type(config.objective),
     )
     params = summary.abstract_params(model, config)  # shapes only: nothing allocated
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.float32 for x in jax.tree.leaves(params))
@@ -99,7 +103,7 @@ def test_every_config_builds_under_eval_shape(path, variant):
 )
 def test_parameter_counts_equal_open_clip(path, variant, published):
     config = load_config(path, variant)
-    model = build_model(config.model, config.model.vocab_size, contrastive=config.objective.contrastive)
+    model = build_model(config.model, config.model.vocab_size, contrastive=contrastive_of(config))
     assert count(summary.abstract_params(model, config)) == published
 
 
@@ -111,7 +115,7 @@ def test_parameter_counts_equal_open_clip(path, variant, published):
 )
 def test_coca_tower_sizes_match_the_paper(variant, image_encoder, text_decoder, rel):
     config = load_config("configs/coca.py", variant)
-    model = build_model(config.model, config.model.vocab_size, contrastive=config.objective.contrastive)
+    model = build_model(config.model, config.model.vocab_size, contrastive=contrastive_of(config))
     params = summary.abstract_params(model, config)
     assert count(params["image_encoder"]) / 1e6 == pytest.approx(image_encoder, rel=0.01)
     text = count(params["unimodal_decoder"]) + count(params["multimodal_decoder"])
@@ -120,7 +124,7 @@ def test_coca_tower_sizes_match_the_paper(variant, image_encoder, text_decoder, 
 
 def test_siglip_b16_matches_big_vision_size():
     config = load_config("configs/siglip.py", "b16")
-    model = build_model(config.model, config.model.vocab_size, contrastive=config.objective.contrastive)
+    model = build_model(config.model, config.model.vocab_size, contrastive=contrastive_of(config))
     # ≈203M: open_clip's timm image tower (no image head) has 203.16M; big_vision's head
     # adds 768·768 + 768.
     assert count(summary.abstract_params(model, config)) / 1e6 == pytest.approx(203.16 + 0.59, abs=0.01)
@@ -132,7 +136,7 @@ def test_siglip_b16_matches_big_vision_size():
 @pytest.mark.parametrize("path", FAMILIES)
 def test_default_variants_run_forward(path):
     config = load_config(path)
-    model = build_model(config.model, config.data.vocab_size, contrastive=config.objective.contrastive)
+    model = build_model(config.model, config.data.vocab_size, contrastive=contrastive_of(config))
     n, size, length = 2, config.data.image_size, config.data.text_len - 1
     images = jnp.zeros((n, size, size, 3), jnp.uint8)
     tokens = jnp.ones((n, length), jnp.int32)
@@ -168,7 +172,7 @@ def test_clip_text_embedding_is_pooled_at_end_of_text():
 def test_every_parameter_has_logical_names_of_its_rank(path, scan):
     model_cfg = tiny_zoo_model(path)
     model_cfg.scan_layers = scan
-    _, boxed, _ = init(model_cfg, contrastive=load_config(path).objective.contrastive)
+    _, boxed, _ = init(model_cfg, contrastive=objective_lib.contrastive_type(load_config(path).objective))
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     unnamed = [x for x in leaves if not isinstance(x, nn.Partitioned)]
     assert not unnamed, f"{len(unnamed)} parameters without logical names, e.g. {unnamed[0]}"
@@ -185,7 +189,8 @@ def test_every_parameter_has_logical_names_of_its_rank(path, scan):
 # CoCa uses every logical name; SigLIP adds the MAP head and the logit bias.
 @pytest.mark.parametrize("path", ["configs/coca.py", "configs/siglip.py"])
 def test_forward_on_2x2x2_mesh_equals_single_device(path):
-    model, boxed, params = init(tiny_zoo_model(path), contrastive=load_config(path).objective.contrastive)
+    contrastive = objective_lib.contrastive_type(load_config(path).objective)
+    model, boxed, params = init(tiny_zoo_model(path), contrastive=contrastive)
     images, tokens = batch()
     forward = lambda p, x: model.apply({"params": p}, *x)
     expected = jax.jit(forward)(params, (images, tokens))
@@ -233,7 +238,7 @@ def test_remat_and_scan_give_the_same_loss_and_gradients_for_a_whole_model():
     loss, grads = jax.jit(jax.value_and_grad(loss_fn(plain, objective)))(params)
     variant_cfg = tiny_zoo_model("configs/coca.py")
     variant_cfg.remat, variant_cfg.scan_layers = "dots", True
-    variant = build_model(variant_cfg, VOCAB, PAD, contrastive=objective.contrastive)
+    variant = build_model(variant_cfg, VOCAB, PAD, contrastive=objective_lib.contrastive_type(objective))
     v_loss, v_grads = jax.jit(jax.value_and_grad(loss_fn(variant, objective)))(scan_layout.stack_blocks(params))
     np.testing.assert_allclose(v_loss, loss, rtol=1e-6)
     # Same math, different op order under scan: float32 rounding only (|g| reaches ~20).
@@ -294,7 +299,7 @@ def test_patch_dropout_acts_only_in_training(path):
 def train_step_on_one_device(config, pad_id=PAD):
     """-> (initial state, jitted train step, a batch) for `config` on one device."""
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = build_model(config.model, VOCAB, pad_id, contrastive=config.objective.contrastive)
+    model = build_model(config.model, VOCAB, pad_id, contrastive=contrastive_of(config))
     tx = optim.make_optimizer(config.optimizer, config.total_steps, train_step.locked_mask(model, config.model))
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     images, tokens = batch(8)
@@ -307,7 +312,7 @@ def train_step_on_one_device(config, pad_id=PAD):
 
 def test_dropout_rng_is_a_function_of_seed_and_step():
     """What keeps exact resume exact: the patches dropped at step s depend only on (seed, s)."""
-    config = tiny_train_config(**{"objective.impl": "dense", "objective.caption_weight": 0.0})
+    config = tiny_train_config(**{"objective.contrastive.options.impl": "dense", "objective.caption.weight": 0.0})
     config.model = tiny_zoo_model("configs/clip.py", depth=1)
     config.model.patch_dropout = 0.5
     state, step, data = train_step_on_one_device(config)
@@ -319,7 +324,7 @@ def test_dropout_rng_is_a_function_of_seed_and_step():
 
 
 def test_locked_image_tower_gets_no_gradient_and_no_update():
-    config = tiny_train_config(**{"model.lock_image": True, "objective.impl": "dense"})
+    config = tiny_train_config(**{"model.lock_image": True, "objective.contrastive.options.impl": "dense"})
     state, step, data = train_step_on_one_device(config)
     new_state = state
     for _ in range(2):
@@ -335,14 +340,15 @@ def test_locked_image_tower_gets_no_gradient_and_no_update():
 
     # No gradient is computed for it: the locked step has the unlocked one's matmuls minus
     # the image tower's backward ones (its forward ones remain).
-    unlocked_state, unlocked_step, _ = train_step_on_one_device(tiny_train_config(**{"objective.impl": "dense"}))
+    unlocked = tiny_train_config(**{"objective.contrastive.options.impl": "dense"})
+    unlocked_state, unlocked_step, _ = train_step_on_one_device(unlocked)
     dots = lambda f, s: str(jax.make_jaxpr(f)(s, data)).count("dot_general")
     assert dots(step, state) < dots(unlocked_step, unlocked_state)
 
 
 def test_locking_text_freezes_exactly_the_text_tower():
     config = tiny_train_config(**{"model.lock_text": True})
-    model = build_model(config.model, VOCAB, PAD, contrastive=config.objective.contrastive)
+    model = build_model(config.model, VOCAB, PAD, contrastive=contrastive_of(config))
     _, _, params = init(config.model)
     frozen = train_step.locked_mask(model, config.model)(params)
     assert {name for name, sub in frozen.items() if all(jax.tree.leaves(sub))} == set(CoCa.towers["text"])

@@ -21,7 +21,7 @@ SHRINK = {
                "--config.checkpoint_every=100", "--config.data.image_size=32", "--config.model.vision.patch_size=8",
                "--config.model.embed_dim=32", "--config.model.vision.width=32", "--config.model.vision.depth=1",
                "--config.model.vision.mlp_dim=64", "--config.model.vision.heads=2", "--config.model.text.width=32",
-               "--config.model.text.mlp_dim=64", "--config.model.text.heads=2", "--config.objective.block_size=8",
+               "--config.model.text.mlp_dim=64", "--config.model.text.heads=2", "--config.objective.contrastive.options.block_size=8",
                "--config.data.text_len=16"],
     "clip": ["--config.model.text.depth=1"],
     "coca": ["--config.model.text.unimodal_depth=1", "--config.model.text.multimodal_depth=1",

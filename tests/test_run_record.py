@@ -60,7 +60,7 @@ def test_long_values_are_truncated():
 def test_resumable_changes_make_one_note():
     changed = coca(**{
         "log_every": 5, "total_steps": 1000, "eval.batch_size": 64, "mesh.data": 2, "mesh.fsdp": 4,
-        "optimizer.learning_rate": 3e-4, "model.remat": "dots", "objective.impl": "dense",
+        "optimizer.learning_rate": 3e-4, "model.remat": "dots", "objective.contrastive.options.impl": "dense",
         "data.num_eval": 128,
     })
     notes = run_record.check_resume(saved(), changed, saved_step=250)
@@ -68,7 +68,7 @@ def test_resumable_changes_make_one_note():
     assert notes[0].startswith("resuming with changed settings: ")
     for part in ("log_every 25 -> 5", "total_steps 800 -> 1000", "eval.batch_size 256 -> 64", "mesh.data -1 -> 2",
                  "mesh.fsdp 1 -> 4", "optimizer.learning_rate 0.001 -> 0.0003", "model.remat 'none' -> 'dots'",
-                 "objective.impl 'blockwise' -> 'dense'", "data.num_eval 512 -> 128"):
+                 "objective.contrastive.options.impl 'blockwise' -> 'dense'", "data.num_eval 512 -> 128"):
         assert part in notes[0]
 
 
@@ -89,7 +89,7 @@ def test_finished_run_relaunched_unchanged_is_a_note():
 @pytest.mark.parametrize("key,value", [
     ("data.train", "shapes:eval"), ("data.text_len", 16), ("data.augment.crop", "random_resized"),
     ("data.shuffle_buffer", 10), ("data.worker_count", 2), ("batch_size", 64), ("seed", 1),
-    ("model.scan_layers", True), ("model.lock_image", True), ("objective.contrastive", "siglip"),
+    ("model.scan_layers", True), ("model.lock_image", True), ("objective.contrastive.type", "siglip"),
 ])
 def test_breaking_changes_are_refused(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,4 +1,4 @@
-"""SigLIP's sigmoid loss on every model: objective.contrastive decides the bias and the inits."""
+"""SigLIP's sigmoid loss on every model: the contrastive term's type decides the bias and the inits."""
 import math
 import os
 import subprocess
@@ -30,7 +30,7 @@ def sigmoid_loss_reference(img, txt, logit_scale, logit_bias):
 
 def test_coca_trains_with_the_sigmoid_loss(tmp_path):
     # No warmup: the first step's learning rate is not 0, so the step moves b.
-    config = tiny_train_config(**{"objective.contrastive": "siglip", "optimizer.warmup_steps": 0})
+    config = tiny_train_config(**{"objective.contrastive.type": "siglip", "optimizer.warmup_steps": 0})
     parts = train.build_components(config, str(tmp_path / "tok.model"))
     batch = next(pipeline.train_iterator(config.data, parts.tokenizer, config.batch_size, config.seed))
     model = parts.model
@@ -85,7 +85,7 @@ def test_cli_trains_coca_with_the_sigmoid_loss(tmp_path):
     args = [
         "--config=configs/coca.py",
         f"--workdir={tmp_path}",
-        "--config.objective.contrastive=siglip",
+        "--config.objective.contrastive.type=siglip",
         "--config.total_steps=2",
         "--config.batch_size=16",
         "--config.data.num_eval=32",

@@ -8,7 +8,7 @@ import pytest
 
 from mmjax.configs import load_config
 from mmjax.models import build_model
-from mmjax.objectives import multimodal
+from mmjax.objectives import objective
 from mmjax.tools import flops, summary
 from tests.helpers import tiny_zoo_model
 
@@ -50,8 +50,9 @@ def abstract(path, coca_layout="paper"):
     config = load_config(path)
     if coca_layout != "paper":
         config.model.coca_layout = coca_layout
-    config.objective.impl = "dense"
-    model = build_model(config.model, config.data.vocab_size, contrastive=config.objective.contrastive)
+    config.objective = objective.with_options(config.objective, impl="dense")
+    contrastive = objective.contrastive_type(config.objective)
+    model = build_model(config.model, config.data.vocab_size, contrastive=contrastive)
     return config, model, summary.abstract_params(model, config)
 
 
@@ -80,8 +81,11 @@ def test_train_step_flops_match_xla_cost_analysis():
     config.batch_size = 8
     images, tokens = summary.abstract_inputs(config, config.batch_size)
 
+    terms = objective.build(config.objective, mesh=None, pad_id=0)
+
     def loss(p, i, t):
-        return multimodal.total_loss(model.apply({"params": p}, i, t, train=True), t, config.objective, 0, None)[0]
+        batch = {"image": i, "tokens": t, "targets": t}
+        return objective.total_loss(terms, model.apply({"params": p}, i, t, train=True), batch)[0]
 
     grad = jax.jit(jax.grad(loss)).lower(params, images, tokens).compile()
     ratio = grad.cost_analysis()["flops"] / flops.train_step_flops(config, config.data.vocab_size)
@@ -95,7 +99,7 @@ def test_activation_memory_shrinks_with_remat_and_bfloat16():
     def per_example(**options):
         c = config.copy_and_resolve_references()
         c.model.update(options)
-        model = build_model(c.model, c.data.vocab_size, contrastive=c.objective.contrastive)
+        model = build_model(c.model, c.data.vocab_size, contrastive=objective.contrastive_type(c.objective))
         return summary.activation_bytes_per_example(model, c, summary.abstract_params(model, c))
 
     none, dots, full = (per_example(remat=r) for r in ("none", "dots", "full"))

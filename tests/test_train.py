@@ -12,6 +12,7 @@ import pytest
 from mmjax import checkpoint, optim, train
 from mmjax.data import pipeline
 from mmjax.models import build_model
+from mmjax.objectives import objective
 from mmjax.parallel import sharding
 from tests.helpers import tiny_train_config
 
@@ -32,7 +33,7 @@ def one_step(config, devices, tmp_path):
 
 @pytest.fixture(scope="module")
 def single_device_reference(tmp_path_factory):
-    config = tiny_train_config(**{"objective.impl": "dense"})
+    config = tiny_train_config(**{"objective.contrastive.options.impl": "dense"})
     config.mesh.data = 1
     return one_step(config, jax.devices()[:1], tmp_path_factory.mktemp("reference"))[:2]
 
@@ -42,7 +43,7 @@ def single_device_reference(tmp_path_factory):
     [((2, 4, 1), "dense"), ((2, 2, 2), "blockwise"), ((8, 1, 1), "ring")],
 )
 def test_sharded_step_equals_single_device(tmp_path, single_device_reference, mesh, impl):
-    config = tiny_train_config(**{"objective.impl": impl})
+    config = tiny_train_config(**{"objective.contrastive.options.impl": impl})
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
     sharded, logs, live = one_step(config, jax.devices(), tmp_path)
     single, ref_logs = single_device_reference
@@ -135,7 +136,7 @@ def test_batch_not_divisible_by_mesh_is_a_clear_error(tmp_path):
 
 def test_weight_decay_skips_norms_biases_and_temperature():
     config = tiny_train_config()
-    model = build_model(config.model, 40, contrastive=config.objective.contrastive)
+    model = build_model(config.model, 40, contrastive=objective.contrastive_type(config.objective))
     params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.uint8), np.ones((1, 7), np.int32)))["params"]
     mask = optim.decay_mask(params)
     assert not mask["logit_scale"]

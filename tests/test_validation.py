@@ -57,8 +57,11 @@ def test_every_evaluator_option_has_a_rule():
 
 BAD = [
     # (config, overrides, what the message must name besides each key and value)
-    ("configs/coca.py", {"objective.impl": "nonsense"}, ["dense, blockwise, pallas, ring", "--config.objective.impl"]),
-    ("configs/coca.py", {"objective.contrastive": "nonsense"}, ["clip, siglip"]),
+    ("configs/coca.py", {"objective.contrastive.options.impl": "nonsense"},
+     ["dense, blockwise, pallas, ring", "--config.objective.contrastive.options.impl"]),
+    ("configs/coca.py", {"objective.contrastive.type": "nonsense"}, ["clip, siglip, captioning"]),
+    ("configs/coca.py", {"objective.contrastive.options.tile": 8}, ["impl, block_size"]),
+    ("configs/coca.py", {"objective.caption.weight": -1.0}, ["at least 0"]),
     ("configs/coca.py", {"model.dtype": "float8"}, ["float32, bfloat16"]),
     ("configs/coca.py", {"batch_size": 0}, ["at least 1", "--config.batch_size"]),
     ("configs/coca.py", {"eval.batch_size": -4}, ["at least 1"]),
@@ -92,9 +95,10 @@ BAD = [
     ("configs/coca.py:base", {"model.vocab_size": 50}, ["data.vocab_size=96"]),
     ("configs/clip.py", {"model.image_pool": "avg"}, ["cls, map"]),
     ("configs/siglip.py", {"model.text_pool": "mean"}, ["eot, last"]),
-    ("configs/siglip.py", {"objective.contrastive": "clip", "model.logit_bias_init": -10.0}, ["no bias"]),
-    ("configs/clip.py", {"objective.caption_weight": 1.0}, ["model.name='clip'", "coca"]),
-    ("configs/coca.py", {"objective.contrastive_weight": 0.0, "objective.caption_weight": 0.0}, ["no loss"]),
+    ("configs/siglip.py", {"objective.contrastive.type": "clip", "model.logit_bias_init": -10.0}, ["no bias"]),
+    ("configs/clip.py", {"objective.contrastive.type": "captioning"}, ["model.name='clip'", "coca"]),
+    ("configs/coca.py", {"objective.contrastive.weight": 0.0, "objective.caption.weight": 0.0}, ["no loss"]),
+    ("configs/coca.py", {"accumulate.steps": 4, "accumulate.mode": "grads"}, ["objective.contrastive", "gradcache"]),
     ("configs/clip.py", {"model.lock_image": True, "model.lock_text": True}, ["nothing to train"]),
     ("configs/coca.py", {"evals.zeroshot.type": "zero"}, ["zeroshot, retrieval, captioning, linear_probe"]),
     ("configs/coca.py", {"evals.zeroshot.options.protocol": "mean"}, ["clip, prob_sum"]),
@@ -121,8 +125,9 @@ def test_bad_value_is_one_line_naming_key_value_and_valid_ones(name, overrides, 
 
 
 @pytest.mark.parametrize("name,overrides", [
-    ("configs/coca.py", {"objective.contrastive": "siglip"}),  # every model learns SigLIP's bias itself
-    ("configs/clip.py", {"objective.contrastive": "siglip"}),
+    ("configs/coca.py", {"objective.contrastive.type": "siglip"}),  # every model learns SigLIP's bias itself
+    ("configs/clip.py", {"objective.contrastive.type": "siglip"}),
+    ("configs/coca.py", {"objective.contrastive.weight": 0.0, "accumulate.steps": 4, "accumulate.mode": "grads"}),
     ("configs/coca.py", {"model.lock_image": True, "model.lock_text": True}),  # the decoder still learns
     ("configs/coca.py", {"mesh.data": 2, "mesh.fsdp": -1}),
 ])
@@ -157,7 +162,7 @@ def mmjax_main(*args):
 
 
 @pytest.mark.parametrize("flag,expected", [
-    ("--config.modle.dtype=x", "error: unknown config key 'modle.dtype' (top level has: batch_size, "),
+    ("--config.modle.dtype=x", "error: unknown config key 'modle.dtype' (top level has: accumulate, batch_size, "),
     ("--config.data.name=coco", "error: unknown config key 'data.name' (data has: augment, "),
     ("--config.batch_size=0", "error: batch_size must be at least 1, got 0; set --config.batch_size to"),
     ("--config.model.dtype=float8", "error: unknown model.dtype 'float8'; valid: float32, bfloat16; "),

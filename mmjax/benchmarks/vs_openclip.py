@@ -32,6 +32,7 @@ from mmjax import optim, train, train_step
 from mmjax.configs import load_config
 from mmjax.interop import openclip_models, torch_peer
 from mmjax.models import build_model
+from mmjax.objectives import objective
 from mmjax.parallel import sharding
 
 MODELS = ("tiny_clip", "clip_b16")
@@ -112,7 +113,7 @@ def mmjax_step(config, batch: dict):
     step; parameter count)."""
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     rules = sharding.rules_from_config(config.mesh)
-    model = build_model(config.model, vocab_size(config), 0, contrastive=config.objective.contrastive)
+    model = build_model(config.model, vocab_size(config), 0, contrastive=objective.contrastive_type(config.objective))
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

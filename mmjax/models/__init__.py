@@ -4,7 +4,8 @@
     clip   two towers (mmjax.models.clip): CLIP, or SigLIP with image_pool="map" and
            text_pool="last"
 
-The contrastive loss's learned scalars follow objective.contrastive, on every model: with
+The contrastive loss's learned scalars follow the contrastive term's type
+(objective.contrastive.type, read by mmjax.objectives.objective.contrastive_type), on every model: with
 "siglip" the model learns SigLIP's bias b (parameter "logit_bias"), with "clip" it has
 none (a softmax ignores a shared bias). Every shipped config's model section, CoCa's too,
 has the same three keys: logit_scale_init (t′; logits are scaled by exp(t′)),
@@ -12,7 +13,7 @@ logit_scale_max (t′'s clamp; inf: none) and logit_bias_init (b), declared as
 placeholder(float) so that a flag can pin them. None (their value in every shipped config)
 means the loss's paper init (PAPER_LOGIT_INITS; under "siglip" b = −10); a number pins it.
 So configs/siglip.py needs no inits of its own, and configs/coca.py or clip.py with
---config.objective.contrastive=siglip get SigLIP's. A pinned bias with the softmax loss is
+--config.objective.contrastive.type=siglip get SigLIP's. A pinned bias with the softmax loss is
 a ConfigError, not an unused parameter.
 
 Numerics (layers.Numerics): model.layernorm_eps (every LayerNorm's ε) and model.mlp_activation
@@ -67,13 +68,14 @@ def logit_inits(model_cfg, contrastive: str) -> dict:
     """The model's logit_scale_init/max and logit_bias_init: the config's where it pins
     them (a number), else the paper's for the `contrastive` loss."""
     if contrastive not in PAPER_LOGIT_INITS:
-        raise ConfigError(f"unknown objective.contrastive {contrastive!r}; valid: {list(PAPER_LOGIT_INITS)}")
+        raise ConfigError(f"unknown contrastive loss {contrastive!r}; valid: {list(PAPER_LOGIT_INITS)}")
     paper = PAPER_LOGIT_INITS[contrastive]
     bias = model_cfg.get("logit_bias_init")
     if contrastive == "clip" and bias is not None:
         raise ConfigError(
-            f"model.logit_bias_init={bias} needs objective.contrastive='siglip', but it is {contrastive!r} (a softmax "
-            "loss has no bias); set --config.objective.contrastive=siglip or leave model.logit_bias_init unset"
+            f"model.logit_bias_init={bias} needs objective.contrastive.type='siglip', but it is {contrastive!r} (a "
+            "softmax loss has no bias); set --config.objective.contrastive.type=siglip or leave "
+            "model.logit_bias_init unset"
         )
 
     def pinned_or(key, paper_value):

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 from mmjax.main import parse_flags  # also defines --config
 from mmjax.models import build_model, model_vocab_size, towers
-from mmjax.objectives import multimodal
+from mmjax.objectives import objective as objective_lib
 from mmjax.tools import flops
 
 _JSON = flags.DEFINE_bool("json", False, "End with one JSON object on the last line.")
@@ -51,8 +51,8 @@ def params_per_tower(model, params) -> dict[str, int]:
 
 def activation_bytes_per_example(model, config, params) -> int:
     """Bytes of the training loss's VJP residuals that grow with the batch, per example."""
-    objective = config.objective.copy_and_resolve_references()
-    objective.impl = "dense"  # one device, no mesh; its B×B logits are negligible at B ≤ 2
+    # One device, no mesh; the B×B logits are negligible at B ≤ 2.
+    objective = objective_lib.build(objective_lib.with_options(config.objective, impl="dense"), mesh=None, pad_id=0)
     locked = towers.locked_towers(config.model)
     mask = towers.locked_mask(model, locked)(params) if locked else None
 
@@ -60,7 +60,8 @@ def activation_bytes_per_example(model, config, params) -> int:
         if mask is not None:
             params = towers.stop_locked_gradients(params, mask)
         outputs = model.apply({"params": params}, images, tokens, train=True, rngs={"dropout": rng})
-        return multimodal.total_loss(outputs, tokens, objective, 0, None)[0]
+        batch = {"image": images, "tokens": tokens, "targets": tokens}  # targets: any tokens of the right shape
+        return objective_lib.total_loss(objective, outputs, batch)[0]
 
     def residual_bytes(batch: int) -> int:
         images, tokens = abstract_inputs(config, batch)
@@ -74,7 +75,7 @@ def activation_bytes_per_example(model, config, params) -> int:
 
 def summarize(config) -> dict:
     vocab = model_vocab_size(config.model, config.data.vocab_size)
-    model = build_model(config.model, vocab, contrastive=config.objective.contrastive)
+    model = build_model(config.model, vocab, contrastive=objective_lib.contrastive_type(config.objective))
     params = abstract_params(model, config)
     per_tower = params_per_tower(model, params)
     forward = flops.forward_flops(config, vocab, train=True)
