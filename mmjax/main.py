@@ -12,14 +12,19 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import configs, validation
-from mmjax.errors import ConfigError
+from mmjax import configs, distributed, validation
+from mmjax.errors import ConfigError, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with a :variant suffix.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config>[_<variant>]).")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host: call jax.distributed.initialize() first (TPU pods, SLURM, env-var clusters)."
+    "distributed", False,
+    "Multi-process: join a jax.distributed process group first: the three flags below, else JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES, JAX_PROCESS_ID, else the cluster jax detects (SLURM, Cloud TPU, MPI). Implied by those flags."
 )
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: how many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process's index, 0..num_processes-1.")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -99,23 +104,32 @@ def parse_flags(argv):
         validation.validate(_CONFIG.value)
     except ConfigError as e:
         _exit_with(str(e))
+    if _distributed():
+        try:
+            distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        except UserError as e:
+            _exit_with(str(e))
     return rest
+
+
+def _distributed() -> bool:
+    """--distributed, or any of its three flags: they mean nothing else, so they imply it."""
+    return _DISTRIBUTED.value or any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID))
 
 
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # keep the console to our progress lines
         logging.set_verbosity(logging.WARNING)
-    import jax
-
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()  # auto-detects the cluster; must precede any device query
+    if _distributed():  # before any device query, an import's included
+        try:
+            print(distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value), flush=True)
+        except UserError as e:
+            _exit_with(str(e))
     from mmjax import train  # after flag parsing: a bad flag fails fast, before any device work
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    from mmjax.errors import UserError
-
     try:
         train.run(config, workdir)
     except UserError as e:
