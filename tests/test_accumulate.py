@@ -9,6 +9,7 @@ first step, ≈ lr·sign(g), would hide them.
 import chex
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -139,3 +140,31 @@ def test_compiled_memory_falls_as_the_micro_batch_shrinks():
             compiled = jax.jit(step).lower(state, batch).compile()
         temps.append(throughput.memory_per_device(compiled)["temporaries"])
     assert temps[1] < temps[0], temps
+
+
+def test_each_micro_batch_sees_the_same_patch_dropout_in_both_passes():
+    """With FLIP patch dropout GradCache's gradient is that of the loss whose micro-batch i
+    drops patches with rng_i: the cached embeddings are the ones differentiated."""
+    config = tiny_config("clip", **{"objective.contrastive.options.impl": "dense"})
+    config.model.patch_dropout = 0.5
+    model = build_model(config.model, VOCAB, PAD, contrastive="clip")
+    batch = fixed_batch(8)
+    batch["targets"] = batch["tokens"][:, 1:]
+    params = model.init(jax.random.key(0), batch["image"], batch["tokens"][:, :-1])["params"]
+    terms = objective.build(config.objective, mesh=None, pad_id=PAD)
+    forward = lambda p, b, rng: model.apply({"params": p}, b["image"], b["tokens"][:, :-1], train=True,
+                                            rngs={"dropout": rng})
+    rng, steps = jax.random.key(3), 2
+    loss, _, grads = jax.jit(lambda p: accumulate.gradients(forward, p, batch, rng, terms, steps, None))(params)
+
+    def in_one_piece(p):
+        micro = jax.tree.map(lambda x: accumulate.split(x, steps, 1), batch)
+        rngs = jax.random.split(rng, steps)
+        outputs = [forward(p, jax.tree.map(lambda x: x[i], micro), rngs[i]) for i in range(steps)]
+        merged = {k: jnp.concatenate([o[k] for o in outputs]) if jnp.ndim(outputs[0][k]) else outputs[0][k]
+                  for k in outputs[0]}
+        return objective.total_loss(terms, merged, batch)[0]
+
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(in_one_piece))(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
