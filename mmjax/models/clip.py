@@ -10,7 +10,7 @@ learned and clamped at log 100; softmax loss.
 SigLIP, as big_vision's two_towers B/16 (image_pool="map", text_pool="last"): the image is
 pooled by a MAP head, the text is bidirectional and pooled at the last position;
 projections ("heads") have a bias; t′ = log 10 and b = −10 are learned, t is not clamped;
-sigmoid loss (config.objective.contrastive = "siglip").
+sigmoid loss (config.objective.contrastive.type = "siglip").
 
 The learned scalars t′ and b are set up by `logit_params`, which CoCa shares; which ones a
 model gets, and their inits, follow the objective (mmjax.models.build_model).
