@@ -13,18 +13,25 @@ class MetricsWriter:
     """Appends to `workdir/metrics.jsonl`; on resume drops rows logged after `start_step`.
 
     Those rows belong to steps the resumed run is about to redo, so keeping them would
-    duplicate steps in the history.
+    duplicate steps in the history. `primary=False` (every process but the first of a
+    multi-host run) writes nothing: one history per run.
     """
 
-    def __init__(self, workdir: str, start_step: int = 0):
+    def __init__(self, workdir: str, start_step: int = 0, primary: bool = True):
+        self.primary = primary
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.curves_path = os.path.join(workdir, "curves.png")
+        self.rows = []
+        if not primary:
+            return
         self.rows = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.curves_path = os.path.join(workdir, "curves.png")
 
     def write(self, step: int, values: dict) -> None:
+        if not self.primary:
+            return
         row = {"step": int(step), **{k: _json_number(v) for k, v in values.items()}}
         self.rows.append(row)
         with open(self.path, "a") as f:
@@ -35,10 +42,12 @@ class MetricsWriter:
         self._tb.flush()
 
     def plot(self) -> None:
-        plot_curves(self.rows, self.curves_path)
+        if self.primary:
+            plot_curves(self.rows, self.curves_path)
 
     def close(self) -> None:
-        self._tb.close()
+        if self.primary:
+            self._tb.close()
 
 
 def _json_number(value) -> float | None:

@@ -5,6 +5,7 @@ exists) -> grain batches -> jitted step -> metrics, evaluation, checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -31,7 +32,7 @@ def prepare_workdir(workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # processes may share the workdir
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -87,12 +88,18 @@ def build_state(model, tx, config, mesh, rules):
 class _Interrupts:
     """SIGTERM (a preempted VM, `kill`) and a first Ctrl-C ask the loop to checkpoint the
     current step and exit cleanly. A second Ctrl-C kills the process at once (the OS
-    default for SIGINT, which works even inside a long compile), saving nothing more."""
+    default for SIGINT, which works even inside a long compile), saving nothing more.
 
-    def __init__(self):
-        self.requested = None  # "SIGTERM" or "SIGINT" once asked
+    Under jax.distributed the processes must agree on the step to save, or the collective
+    save hangs: SIGTERM is left to jax's preemption notifier, which tells every process, and
+    `ckpt.reached_preemption(step)` turns true at the same step on all of them. A first
+    Ctrl-C takes the same road by sending this process a SIGTERM."""
+
+    def __init__(self, collective: bool):
+        self.collective = collective
+        self.requested = None  # "SIGTERM" or "SIGINT" once asked (collective: only ever "SIGINT")
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if collective else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. run() called from a worker): no handler
@@ -104,6 +111,15 @@ class _Interrupts:
             print("\nCtrl-C: saving a checkpoint after this step; press Ctrl-C again to abort without saving",
                   flush=True)
         self.requested = signal.Signals(signum).name
+        if self.collective:
+            os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption notifier: every process saves one step
+
+    def stop_now(self, ckpt, step: int) -> str | None:
+        """Why the loop stops after `step` ("SIGINT", "SIGTERM" or "preemption"), or None.
+        Collective: the same answer on every process (jax's preemption sync point)."""
+        if self.collective:
+            return (self.requested or "preemption") if ckpt.reached_preemption(step) else None
+        return self.requested or (ckpt.reached_preemption(step) and "preemption") or None
 
     def __enter__(self):
         return self
@@ -147,6 +163,22 @@ def run(config, workdir: str) -> dict[str, float] | None:
     """Train (resuming from `workdir` if it holds a checkpoint); returns the final evaluation
     (None when interrupted)."""
     validation.validate(config)  # before any file is written or array allocated
+    with _console_on_primary_only():
+        return _run_checked(config, workdir)
+
+
+@contextlib.contextmanager
+def _console_on_primary_only():
+    """Progress (stdout) from process 0 only; every process keeps stderr for its own warnings
+    and errors. Under one process, nothing changes."""
+    if jax.process_index() == 0:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+def _run_checked(config, workdir: str) -> dict[str, float] | None:
     mesh = sharding.make_mesh(config.mesh)
     check_config(config, mesh)
     pipeline.check_sources(config.data)
@@ -207,8 +239,10 @@ def _run(config, workdir, mesh, ckpt, opened, cache_dir):
         restored = ckpt.restore_latest(shapes) if saved_step else None
         if restored:
             start_step, state, data_state = restored
-            pipeline.restore_data_state(data_iter, data_state, data_fingerprint)
-            print(f"Resumed from step {start_step} in {workdir}", flush=True)
+            resplit = pipeline.restore_data_state(data_iter, data_state, data_fingerprint)
+            print(f"Resumed from step {start_step} in {workdir}" + _resharded(data_state.get("layout"), mesh), flush=True)
+            if resplit:
+                print(f"note: {resplit}", flush=True)
         else:
             start_step = 0
             state, _ = build_state(model, parts.tx, config, mesh, parts.rules)
@@ -229,8 +263,8 @@ def _run(config, workdir, mesh, ckpt, opened, cache_dir):
         compile_step = functools.partial(_compile, jit_step, config.model.remat, cache_dir=cache_dir,
                                          device=mesh.devices.flat[0])
         evaluator = _Evaluation(config, model, tok, mesh, state_shardings["params"], workdir)
-        writer = metrics.MetricsWriter(workdir, start_step)
-        data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction))
+        writer = metrics.MetricsWriter(workdir, start_step, primary=jax.process_index() == 0)
+        data = _Data(data_iter, data_fingerprint, skips.SkipMonitor(config.data.max_bad_fraction), _layout(mesh))
         try:
             results = _loop(config, state, start_step, compile_step, data, batch_shardings, ckpt, evaluator, writer,
                             speed, workdir)
@@ -250,7 +284,7 @@ class _Evaluation:
         self.scheduled = evals.build(config, model.has_decoder, log=lambda note: print(note, flush=True))
         self.predictor = Predictor(model, tokenizer, config.data.text_len, mesh, param_shardings,
                                    config.eval.batch_size)
-        self.workdir = workdir
+        self.workdir = workdir if jax.process_index() == 0 else None  # pictures: one writer
 
     def due(self, step: int, final: bool) -> bool:
         return any(s.due(step, final) for s in self.scheduled)
@@ -274,9 +308,8 @@ def _shut_down(opened, ckpt, keep_pending_saves: bool, quiet: bool) -> None:
 
 def _describe_devices(mesh) -> str:
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
-    axes = " × ".join(f"{name}={size}" for name, size in mesh.shape.items())
     return (f"{mesh.devices.size} × {'/'.join(kinds)} ({jax.default_backend()}) in "
-            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; mesh {axes}")
+            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; mesh {_axes(mesh)}")
 
 
 def _count(params) -> str:
@@ -289,6 +322,25 @@ class _Data:
     iterator: object
     fingerprint: dict
     skips: skips.SkipMonitor
+    layout: str  # the devices the state is laid out on, saved beside it (_layout)
+
+
+def _layout(mesh) -> str:
+    processes = jax.process_count()
+    return f"mesh {_axes(mesh)} in {processes} process{'es' if processes > 1 else ''}"
+
+
+def _axes(mesh) -> str:
+    return " × ".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+def _resharded(saved_layout: str | None, mesh) -> str:
+    """Where the restored state came from, when that differs from where it now lives: orbax
+    reads each array straight into this mesh's shardings, whatever mesh wrote it."""
+    now = _layout(mesh)
+    if saved_layout is None or saved_layout == now:
+        return ""
+    return f", resharded: saved on {saved_layout}, restored onto {now}"
 
 
 def _log_window(config, mesh, tokenizer) -> throughput.LogWindow:
@@ -341,13 +393,13 @@ def _save(ckpt, step, state, data) -> None:
             f"the parameters at step {step} are not finite; not saving them (the last checkpoint, step "
             f"{ckpt.latest_step() or 'none'}, is intact); lower --config.optimizer.learning_rate"
         )
-    ckpt.save(step, state, pipeline.data_state(data.iterator, data.fingerprint))
+    ckpt.save(step, state, {**pipeline.data_state(data.iterator, data.fingerprint), "layout": data.layout})
 
 
 def _loop(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed, workdir):
     trace = profiling.StepTrace(config.get("profile_steps", ""), workdir)
     try:
-        with _Interrupts() as interrupts:
+        with _Interrupts(collective=jax.distributed.is_initialized()) as interrupts:
             return _train(config, state, step, compile_step, data, batch_shardings, ckpt, evaluator, writer, speed,
                           interrupts, trace)
     finally:
@@ -410,7 +462,7 @@ def _train(config, state, step, compile_step, data, batch_shardings, ckpt, evalu
             print(f"eval @ {step}: " + "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in results.items()),
                   flush=True)
             speed.restart(step, time.perf_counter())
-        interrupted = interrupts.requested or (ckpt.reached_preemption(step) and "preemption")
+        interrupted = interrupts.stop_now(ckpt, step)
         if step % config.checkpoint_every == 0 or final or interrupted:
             guard.flush()
             _save(ckpt, step, state, data)

@@ -246,3 +246,43 @@ def test_tokenizer_texts_never_open_an_image(specs, name, monkeypatch):
     texts = pipeline.tokenizer_texts(specs[name], data_config(specs[name]), 10)
     expected = [c for _, _, c, _ in data_builders.examples(10, offset=100 if name == "jsonl" else 0)]
     assert texts == (sorted(data_builders.COLORS) if name == "folder" else expected)
+
+
+def _states_of_processes(cfg, tok, processes, batches, monkeypatch):
+    """What a checkpoint holds after `processes` processes each read `batches` batches of 4·P."""
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    states = []
+    for p in range(processes):
+        monkeypatch.setattr(jax, "process_index", lambda: p)
+        it = pipeline.train_iterator(cfg, tok, 4 * processes, seed=3)
+        take(it, batches)
+        states.append(json.dumps(it.get_state()))
+        it.close()
+    fingerprint = pipeline.fingerprint(cfg, 4 * processes, seed=3)
+    monkeypatch.undo()
+    return {"fingerprint": fingerprint, "processes": states}
+
+
+def test_a_random_access_source_resumes_on_another_number_of_processes(specs, tok, monkeypatch):
+    """Two processes read 3 batches of 2 records each; one process resumes where the two
+    stopped together: its next batches are those of a run that had one process throughout."""
+    cfg = data_config(specs["csv"])
+    saved = _states_of_processes(cfg, tok, 2, 3, monkeypatch)
+    alone = pipeline.train_iterator(cfg, tok, 8, seed=3)
+    take(alone, 3)  # 3 batches of 8 = the 2 × 3 × 4 records the two processes read
+    expected = take(alone, 4)
+    alone.close()
+    resumed = pipeline.train_iterator(cfg, tok, 8, seed=3)
+    note = pipeline.restore_data_state(resumed, saved, pipeline.fingerprint(cfg, 8, seed=3))
+    assert "saved by 2 processes; re-split over 1" in note
+    assert_batches_equal(take(resumed, 4), expected)
+    resumed.close()
+
+
+def test_a_stream_refuses_another_number_of_processes(specs, tok, monkeypatch):
+    cfg = data_config(specs["wds"])
+    saved = _states_of_processes(cfg, tok, 2, 1, monkeypatch)
+    it = pipeline.train_iterator(cfg, tok, 8, seed=3)
+    with pytest.raises(UserError, match="process_count: saved 2, now 1"):
+        pipeline.restore_data_state(it, saved, pipeline.fingerprint(cfg, 8, seed=3))
+    it.close()

@@ -122,6 +122,43 @@ def test_run_writes_outputs_and_resumes_exactly(tmp_path):
     assert resumed[-1]["loss"] == pytest.approx(train_rows[-1]["loss"], rel=1e-6)
 
 
+def restored_state(config, workdir, step):
+    """Checkpoint `step` of `workdir` read onto the mesh and shardings `config` asks for."""
+    parts = train.build_components(config, os.path.join(workdir, "tokenizer.model"))
+    with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
+        shapes, _ = train.abstract_state(parts.model, parts.tx, config, parts.mesh, parts.rules)
+        ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, read_only=True)
+        state, _ = ckpt.restore(step, shapes)
+        ckpt.close()
+    return state
+
+
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path, capsys):
+    """Saved on data=8, resumed on fsdp=4 × tensor=2: the same parameters, each array laid out
+    as the new mesh says, and the next loss of the uninterrupted run."""
+    saved_on = tiny_train_config()
+    saved_on.mesh.data, saved_on.mesh.fsdp, saved_on.mesh.tensor = 8, 1, 1
+    restored_on = tiny_train_config()
+    restored_on.mesh.data, restored_on.mesh.fsdp, restored_on.mesh.tensor = 1, 4, 2
+    workdir = str(tmp_path / "run")
+    train.run(saved_on, workdir)
+    uninterrupted = [r for r in read_metrics(workdir) if "loss" in r]
+
+    before, after = restored_state(saved_on, workdir, 2), restored_state(restored_on, workdir, 2)
+    chex.assert_trees_all_equal(jax.device_get(after), jax.device_get(before))
+    kernel = after["params"]["image_encoder"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"]
+    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor"), kernel.sharding
+
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    capsys.readouterr()
+    train.run(restored_on, workdir)
+    assert ("Resumed from step 2 in " + workdir + ", resharded: saved on mesh data=8 × fsdp=1 × tensor=1 in 1 "
+            "process, restored onto mesh data=1 × fsdp=4 × tensor=2 in 1 process") in capsys.readouterr().out
+    resumed = [r for r in read_metrics(workdir) if "loss" in r]
+    assert resumed[-1]["step"] == 4
+    assert resumed[-1]["loss"] == pytest.approx(uninterrupted[-1]["loss"], rel=1e-5)
+
+
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -247,16 +247,41 @@ def data_state(iterator, fingerprint_: dict) -> dict:
     return {"fingerprint": fingerprint_, "processes": _all_gather_strings(local)}
 
 
-def restore_data_state(iterator, saved: dict, fingerprint_: dict) -> None:
+def restore_data_state(iterator, saved: dict, fingerprint_: dict) -> str | None:
+    """Put `iterator` where the checkpoint's iterators were; -> a note for the console when
+    the saved states had to be re-split over another number of processes."""
     old = saved.get("fingerprint", {})
     changed = {k: (old.get(k), v) for k, v in fingerprint_.items() if old.get(k) != v}
+    states = [json.loads(s) for s in saved["processes"]]
+    note = None
+    if set(changed) == {"process_count"} and (resplit := _resplit(states, fingerprint_["process_count"])):
+        note = (f"the data iterators were saved by {len(states)} process{'es' if len(states) > 1 else ''}; "
+                f"re-split over {len(resplit)}: they continue at the same position of the same shuffled order")
+        states, changed = resplit, {}
     if changed:
         diff = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
         raise UserError(
             f"the checkpoint's data iterator was saved with other settings ({diff}); resuming would repeat or "
             "skip data. Re-run with the saved values, or start a new --workdir"
         )
-    iterator.set_state(json.loads(saved["processes"][jax.process_index()]))
+    iterator.set_state(states[jax.process_index()])
+    return note
+
+
+def _resplit(states: list[dict], processes: int) -> list[dict] | None:
+    """The states of one random-access source read by `processes` instead, or None.
+
+    Process p of n reads positions p, p+n, ... of the source's shuffled order, so n processes
+    that have each read k records have read exactly the first n·k positions: m processes
+    continue at n·k/m each. Other readers (streams, mixtures, worker processes) keep
+    positions that cannot be re-split; None then, and the caller refuses the change.
+    """
+    reads = {s.get("parent", {}).get("next_index") for s in states}
+    simple = all(set(s) == {"parent", "index_for_rng"} and set(s["parent"]) == {"next_index"} for s in states)
+    if not simple or len(reads) != 1 or (len(states) * next(iter(reads))) % processes:
+        return None
+    each = len(states) * next(iter(reads)) // processes
+    return [{"parent": {"next_index": each}, "index_for_rng": each} for _ in range(processes)]
 
 
 def _all_gather_strings(text: str) -> list[str]:
