@@ -147,6 +147,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.mesh.data = -1  # all remaining devices
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Slices (TPU multislice) along data: a hybrid mesh whose data axis spans dcn_data slices;
+    # data/fsdp/tensor above are then the sizes within one slice.
+    c.mesh.dcn_data = 1
     # Logical axis -> mesh axes. Parameters: `embed` is split by FSDP, `mlp`/`heads`/`vocab` by
     # tensor parallelism. Activations (`act_*`): batch over data+fsdp, features over tensor.
     c.mesh.rules = [

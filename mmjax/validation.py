@@ -325,6 +325,7 @@ RULES: dict[str, Check] = {
     "optimizer.grad_clip_norm": number(0),  # 0: no clipping
     # mesh
     **{f"mesh.{axis}": mesh_size for axis in sharding.MESH_AXES},
+    "mesh.dcn_data": POSITIVE,  # slices along data (a hybrid ICI/DCN mesh above 1)
     "mesh.rules": mesh_rules,
     # evaluators (mmjax.evals): any name, one entry each
     "evals.*.type": string,
