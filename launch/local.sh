@@ -96,7 +96,9 @@ while running; do
     failed=$status
     echo "local.sh: a process exited with status $status; stopping the others" >&2
     stop TERM
-    (sleep 5; stop KILL) &  # a process stuck in a collective with a dead peer does not answer SIGTERM
+    # A process stuck in a collective with a dead peer may not answer SIGTERM. (No pipes held
+    # open by the timer: a caller reading our output would wait for its sleep.)
+    (sleep 5; stop KILL) < /dev/null > /dev/null 2>&1 &
     killer=$!
   fi
 done

@@ -2,10 +2,11 @@
 joins the process group through mmjax.distributed as main.py does, then checks it is real with
 a psum over every process's devices. Prints one JSON line.
 
---fail=I: process I exits with status 3 at once and the others wait forever, so that the test
-sees local.sh stop them."""
+--fail=I: process I exits with status 3 at once and the others print their pid and wait
+forever, so that the test sees local.sh stop them."""
 import argparse
 import json
+import os
 import time
 
 
@@ -18,6 +19,7 @@ def main() -> None:
     if args.fail is not None:
         if args.process_id == args.fail:
             raise SystemExit(3)
+        print(json.dumps({"waiting": os.getpid()}), flush=True)
         while True:  # until local.sh stops this process
             time.sleep(1)
 
@@ -29,14 +31,19 @@ def main() -> None:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from mmjax.parallel import sharding as mmjax_sharding
+
     mesh = jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
     sharding = NamedSharding(mesh, P("d"))
     # Device i holds i + 1: the global sum needs every process's share.
     ones = jax.make_array_from_callback((jax.device_count(),), sharding,
                                         lambda index: np.arange(jax.device_count())[index] + 1.0)
     total = float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones))
+    # Two processes without slices: mesh.dcn_data=2 makes each process one unit along data.
+    hybrid = mmjax_sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=2))
     print(json.dumps({"described": described, "processes": jax.process_count(), "index": jax.process_index(),
-                      "local_devices": jax.local_device_count(), "devices": jax.device_count(), "sum": total}))
+                      "local_devices": jax.local_device_count(), "devices": jax.device_count(), "sum": total,
+                      "hybrid_processes": [d.process_index for d in hybrid.devices.flat]}))
     jax.distributed.shutdown()
 
 
