@@ -68,7 +68,7 @@ def logit_inits(model_cfg, contrastive: str) -> dict:
     """The model's logit_scale_init/max and logit_bias_init: the config's where it pins
     them (a number), else the paper's for the `contrastive` loss."""
     if contrastive not in PAPER_LOGIT_INITS:
-        raise ConfigError(f"unknown contrastive loss {contrastive!r}; valid: {list(PAPER_LOGIT_INITS)}")
+        raise ConfigError(f"unknown objective.contrastive.type {contrastive!r}; valid: {list(PAPER_LOGIT_INITS)}")
     paper = PAPER_LOGIT_INITS[contrastive]
     bias = model_cfg.get("logit_bias_init")
     if contrastive == "clip" and bias is not None:
