@@ -9,17 +9,17 @@ shard of the mesh (split/merge), so activations shrink by `steps` and no device 
                micro-batches i, share_i the micro-batch's part of the term's mean (its
                non-pad tokens for captioning), so it equals the global batch's gradient.
                A batch-coupled term (contrastive) has no such split: the mode refuses it.
-  "gradcache"  GradCache (Gao et al. 2021, "Scaling Deep Metric Learning Beyond the GPU Memory
-               Bottleneck", §3.2 and Algorithm 1): the loss depends on the global batch only
-               through the representations f(x) (embeddings, and the logit scalars), so
-                 ∂L/∂Θ = Σ_i Σ_{s ∈ micro-batch i} (∂L/∂f(s)) · (∂f(s)/∂Θ)      (eq. 4-5)
-               1. representation computation: embed every micro-batch, no gradient, no
-                  activations kept;
+  "gradcache"  GradCache (Gao, Zhang, Han, Callan 2021, "Scaling Deep Contrastive Learning Batch
+               Size under Memory Limited Setup", arXiv:2101.06983, "Gradient Cache Technique"):
+               the loss depends on the global batch only through the representations f(s)
+               (embeddings, and the logit scalars), so the chain rule splits over micro-batches:
+                 ∂L/∂Θ = Σ_i Σ_{s ∈ micro-batch i} (∂L/∂f(s)) · (∂f(s)/∂Θ)
+               1. graph-less forward: embed every micro-batch, no gradient, no activations kept;
                2. representation gradient computation and caching: the batch-coupled terms
                   on the global batch's representations, and their gradient u = ∂L/∂f;
-               3. sub-batch gradient accumulation: per micro-batch, forward again under
-                  jax.vjp and back-propagate the cached u_i (⟨f_i, u_i⟩'s gradient), adding
-                  the per-example terms (weighted by share_i) in the same pass.
+               3. sub-batch gradient accumulation: per micro-batch, forward again and
+                  back-propagate the cached u_i (the gradient of ⟨f_i, u_i⟩: f_i's VJP of u_i),
+                  adding the per-example terms (weighted by share_i) in the same pass.
                A scalar representation (the logit scale, bias) is the same in every
                micro-batch: each pass back-propagates 1/steps of its cached gradient.
                With no batch-coupled term it is "grads".
