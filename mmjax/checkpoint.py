@@ -14,7 +14,6 @@ Failures are one line each, never a traceback flood:
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import shutil
 import sys
@@ -22,9 +21,10 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-from mmjax import orbax_console
+from mmjax import epath_io, orbax_console
 from mmjax.errors import RunStopped, UserError
 
 # orbax's own words when the state asked for does not fit the checkpoint (another config wrote
@@ -36,7 +36,8 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
         """read_only: for tools reading a run's checkpoints, maybe while it trains: nothing is
         written, and the run's in-flight tmp step is left alone."""
-        self._directory = os.path.abspath(directory)
+        # A URL (gs://bucket/run/checkpoints) stays one: abspath would make it a local path.
+        self._directory = directory if epath_io.is_remote(directory) else os.path.abspath(directory)
         self._aside = f"{self._directory}_unreadable"  # where unreadable steps go: orbax never looks there
         self._quiet = orbax_console.QuietOrbax()
         self._saving = None  # step of the last save not yet seen to have landed
@@ -207,12 +208,12 @@ class Checkpointer:
         """Remove what the failed save wrote: orbax's `<step>.orbax-checkpoint-tmp[-<time>]`.
         Writes of that save still in flight recreate files in it for a moment after the
         failure, so remove until it stays gone (orbax would also remove it at the next start)."""
-        pattern = os.path.join(self._directory, f"{step}.orbax-checkpoint-tmp*")
         gone_for = 0
         for _ in range(50):  # 5 s at most
-            partial = glob.glob(pattern)
+            partial = list(epath.Path(self._directory).glob(f"{step}.orbax-checkpoint-tmp*"))
             for path in partial:
-                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):  # files vanishing under us; the next pass retries
+                    path.rmtree()
             gone_for = 0 if partial else gone_for + 1
             if gone_for == 3:
                 return
@@ -220,27 +221,33 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str:
         """Move the step directory out of the directory orbax scans; returns where it went."""
-        target, n = os.path.join(self._aside, str(step)), 1
-        while os.path.exists(target):  # the same step went bad in an earlier run too
+        aside = epath.Path(self._aside)
+        target, n = aside / str(step), 1
+        while target.exists():  # the same step went bad in an earlier run too
             n += 1
-            target = os.path.join(self._aside, f"{step}.{n}")
+            target = aside / f"{step}.{n}"
         if jax.process_index() == 0:
-            os.makedirs(self._aside, exist_ok=True)
-            shutil.move(os.path.join(self._directory, str(step)), target)
+            aside.mkdir(parents=True, exist_ok=True)
+            (epath.Path(self._directory) / str(step)).rename(target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"mmjax checkpoint {step} moved aside")
         with self._quiet.muted():
             self._manager.reload()
-        return target
+        return str(target)
 
 
-def _free_bytes(directory: str) -> int:
+def _free_bytes(directory: str) -> int | None:
+    """Free space on the local filesystem holding `directory`; None for a URL (an object store has no such number)."""
+    if epath_io.is_remote(directory):
+        return None
     while not os.path.exists(directory):
         directory = os.path.dirname(directory)
     return shutil.disk_usage(directory).free
 
 
-def _size(n: float) -> str:
+def _size(n: float | None) -> str:
+    if n is None:
+        return "an unknown amount"
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             break

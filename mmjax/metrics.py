@@ -1,12 +1,14 @@
 """Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, curves.png."""
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 
 import tensorboardX
+from etils import epath
+
+from mmjax import epath_io
 
 
 class MetricsWriter:
@@ -14,28 +16,34 @@ class MetricsWriter:
 
     Those rows belong to steps the resumed run is about to redo, so keeping them would
     duplicate steps in the history. `primary=False` (every process but the first of a
-    multi-host run) writes nothing: one history per run.
+    multi-host run) writes nothing: one history per run. A remote workdir (gs://...) cannot be
+    appended to: there each write rewrites the whole file from the rows kept in memory.
     """
 
     def __init__(self, workdir: str, start_step: int = 0, primary: bool = True):
         self.primary = primary
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.curves_path = os.path.join(workdir, "curves.png")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.curves_path = epath.Path(workdir) / "curves.png"
         self.rows = []
         if not primary:
             return
         self.rows = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._rewrite()
+        self._tb = tensorboardX.SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+    def _rewrite(self) -> None:
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write(self, step: int, values: dict) -> None:
         if not self.primary:
             return
         row = {"step": int(step), **{k: _json_number(v) for k, v in values.items()}}
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        if epath_io.is_remote(self.path):
+            self._rewrite()
+        else:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
         for key, value in row.items():
             if key != "step" and value is not None:  # TensorBoard has no null: a skipped step is a gap
                 self._tb.add_scalar(key, value, int(step))
@@ -56,11 +64,11 @@ def _json_number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
+def read_jsonl(path) -> list[dict]:
+    path = epath.Path(path)
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # Throughput (mmjax.throughput.LogWindow) stays in metrics.jsonl and TensorBoard: a panel per
@@ -94,14 +102,14 @@ def panels(keys) -> list[tuple[str, list[str]]]:
     return layout
 
 
-def plot_curves(rows: list[dict], path: str) -> None:
+def plot_curves(rows: list[dict], path) -> None:
     """One panel per training metric, then one per evaluator (see `panels`).
 
     An evaluator's panel has a line per metric and a legend. Metrics on a larger scale than
     the rest of their panel (any value above 1.5, e.g. CIDEr, next to recalls and accuracies
     in [0, 1]) are drawn dashed against a second y-axis on the right, so neither flattens the
-    other; a panel whose metrics are all on one scale has a single axis. Written atomically
-    (a temp file, then os.replace).
+    other; a panel whose metrics are all on one scale has a single axis. `path` may be a URL;
+    a local file is written atomically (epath_io.write_atomic).
     """
     import matplotlib
 
@@ -136,15 +144,12 @@ def plot_curves(rows: list[dict], path: str) -> None:
     for ax in list(axes.flat)[len(layout):]:
         ax.axis("off")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".curves.", suffix=".png.tmp")
+    png = io.BytesIO()
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=80)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=80)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    epath_io.write_atomic(path, png.getvalue())
 
 
 def _ordered_keys(rows):

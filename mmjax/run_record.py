@@ -19,11 +19,13 @@ in one line before orbax is asked to restore it; resumable changes become a note
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
 
+from etils import epath
+
+from mmjax import epath_io
 from mmjax.errors import ConfigError, UserError
 from mmjax.objectives import schema
 
@@ -93,7 +95,7 @@ def path(workdir: str) -> str:
 
 def refuse_imported(workdir: str) -> None:
     """Training in an imported workdir would ignore its weights and start afresh: say how to use them."""
-    if os.path.exists(os.path.join(workdir, IMPORTED)):
+    if (epath.Path(workdir) / IMPORTED).exists():
         raise UserError(f"{workdir} holds imported weights ({IMPORTED}), not a training run; fine-tune them in a new "
                         f"workdir: --config.init.path={workdir} --workdir=NEW_DIR")
 
@@ -104,33 +106,15 @@ def as_record(config) -> dict:
 
 
 def write(workdir: str, config, tokenizer=None) -> None:
-    """Write the record (and the tokenizer's model, when given) through temporary files
-    renamed over the old ones: a crash leaves the old file or the new one, never half a file."""
-    _write_atomic(path(workdir), (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+    """Write the record (and the tokenizer's model, when given); locally through temporary files
+    renamed over the old ones: a crash leaves the old file or the new one, never half a file
+    (epath_io.write_atomic)."""
+    epath_io.write_atomic(path(workdir), (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     if tokenizer is not None:  # its files: tokenizer.model, or clip_bpe_vocab.txt.gz
         for name, data in tokenizer.workdir_files().items():
-            tokenizer_path = os.path.join(workdir, name)
-            if not os.path.exists(tokenizer_path) or _read_bytes(tokenizer_path) != data:
-                _write_atomic(tokenizer_path, data)
-
-
-def _read_bytes(file: str) -> bytes:
-    with open(file, "rb") as f:
-        return f.read()
-
-
-def _write_atomic(target: str, data: bytes) -> None:
-    tmp = f"{target}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+            tokenizer_path = epath.Path(workdir) / name
+            if not tokenizer_path.exists() or tokenizer_path.read_bytes() != data:
+                epath_io.write_atomic(tokenizer_path, data)
 
 
 def load(workdir: str):
@@ -140,7 +124,7 @@ def load(workdir: str):
 
     from mmjax.data import clip_bpe, tokenizer as tokenizer_lib
 
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
         raise UserError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
     record = read(workdir)
     if record is None:
@@ -149,8 +133,8 @@ def load(workdir: str):
     spec = record.get("data", {}).get("tokenizer") or ""
     if clip_bpe.is_spec(spec):  # the workdir's copy of the vocabulary, not the recorded path
         return ml_collections.ConfigDict(record), clip_bpe.load_workdir(workdir)
-    tokenizer_path = os.path.join(workdir, TOKENIZER)
-    if not os.path.exists(tokenizer_path):
+    tokenizer_path = os.path.join(workdir, TOKENIZER)  # a string join: workdir may be a URL
+    if not epath.Path(tokenizer_path).exists():
         raise UserError(f"{tokenizer_path} not found: the run's tokenizer is missing; copy the SentencePiece model "
                         f"it trained with (data.tokenizer={record.get('data', {}).get('tokenizer')!r}) there")
     return ml_collections.ConfigDict(record), tokenizer_lib.load(tokenizer_path)
@@ -160,8 +144,7 @@ def read(workdir: str) -> dict | None:
     """The workdir's record, or None when it has none (a new workdir, or one from before records).
     A record from before the objective's named terms is read in today's schema (objectives.schema)."""
     try:
-        with open(path(workdir)) as f:
-            return schema.upgrade(json.load(f))
+        return schema.upgrade(json.loads(epath.Path(path(workdir)).read_text()))
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as e:

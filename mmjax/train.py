@@ -17,9 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 
-from mmjax import (checkpoint, compilation_cache, evals, inference, init_from, metrics, nonfinite, optim, profiling,
-                   remat_auto, run_record, throughput, train_step, validation)
+from mmjax import (checkpoint, compilation_cache, epath_io, evals, inference, init_from, metrics, nonfinite, optim,
+                   profiling, remat_auto, run_record, throughput, train_step, validation)
 from mmjax.data import pipeline, skips, tokenizer as tokenizer_lib
 from mmjax.errors import ConfigError, RunStopped, UserError
 from mmjax.evals.predictor import Predictor
@@ -29,15 +30,17 @@ from mmjax.tools import flops
 
 
 def prepare_workdir(workdir: str) -> str:
-    workdir = os.path.abspath(workdir)
+    # A URL (gs://bucket/run) stays one: abspath would turn it into a local directory named "gs:".
+    if not epath_io.is_remote(workdir):
+        workdir = os.path.abspath(workdir)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # processes may share the workdir
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"workdir {workdir} is not writable ({e.strerror}); pass --workdir=<a writable directory>")
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        probe = epath.Path(workdir) / f".write_test.{jax.process_index()}"  # processes may share the workdir
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (OSError, ImportError) as e:  # ImportError: no filesystem package for the URL's scheme (gcsfs, s3fs)
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(f"workdir {workdir} is not writable ({reason}); pass --workdir=<a writable directory>")
     return workdir
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import abc
 import io
-import os
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 from absl import logging
+from etils import epath
 
+from mmjax import epath_io
 from mmjax.errors import UserError
 
 # The ids this project's trained tokenizers use; a loaded model keeps its own.
@@ -119,13 +119,12 @@ def train(texts: Sequence[str], vocab_size: int) -> bytes:
 
 
 def load(model_path: str) -> Tokenizer:
-    """A SentencePiece model file (e.g. one made by `python -m mmjax.data.train_tokenizer`)."""
+    """A SentencePiece model file (e.g. one made by `python -m mmjax.data.train_tokenizer`), local or a URL."""
     try:
-        with open(model_path, "rb") as f:
-            proto = f.read()
+        proto = epath.Path(model_path).read_bytes()
     except OSError as e:
         raise UserError(
-            f"tokenizer file {model_path!r} cannot be read ({e.strerror}); give --config.data.tokenizer=<a SentencePiece "
+            f"tokenizer file {model_path!r} cannot be read ({e.strerror or e}); give --config.data.tokenizer=<a SentencePiece "
             ".model file>, clip_bpe for open_clip's CLIP BPE, or leave it empty to train one on the training captions"
         ) from e
     try:
@@ -135,8 +134,8 @@ def load(model_path: str) -> Tokenizer:
 
 
 def load_or_train(model_path: str, texts: Callable[[], Sequence[str]], vocab_size: int) -> Tokenizer:
-    """Loads the model cached at `model_path`, or trains one on `texts()` and caches it."""
-    if os.path.exists(model_path):
+    """Loads the model cached at `model_path` (local or a URL), or trains one on `texts()` and caches it."""
+    if epath.Path(model_path).exists():
         tokenizer = load(model_path)
         if tokenizer.vocab_size != vocab_size:
             raise UserError(f"{model_path} holds a {tokenizer.vocab_size}-piece tokenizer, but "
@@ -144,12 +143,9 @@ def load_or_train(model_path: str, texts: Callable[[], Sequence[str]], vocab_siz
         return tokenizer
     texts = texts()
     proto = train(texts, vocab_size)
-    directory = os.path.dirname(os.path.abspath(model_path))
-    os.makedirs(directory, exist_ok=True)
-    # Write then rename: concurrent writers (several hosts, one shared disk) never expose
-    # a partial file, and all write the same bytes since training is deterministic.
-    with tempfile.NamedTemporaryFile(dir=directory, delete=False) as f:
-        f.write(proto)
-    os.replace(f.name, model_path)
+    epath.Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent writers (several hosts, one shared disk or bucket) never expose a partial file
+    # (epath_io.write_atomic), and all write the same bytes since training is deterministic.
+    epath_io.write_atomic(model_path, proto)
     logging.info("trained a %d-piece tokenizer on %d texts -> %s", vocab_size, len(texts), model_path)
     return Tokenizer(proto)

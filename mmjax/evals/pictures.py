@@ -3,18 +3,20 @@
 Pillow only, with its built-in font (`ImageFont.load_default()`), so nothing is downloaded
 and no font file is needed. Every thumbnail is scaled to THUMB pixels on its longer side
 (NEAREST when enlarging, so tiny test images stay crisp; LANCZOS when shrinking), captions
-are wrapped to their cell, and the PNG is written atomically: a temporary file in the same
-directory, then os.replace, so a crash never leaves half a picture behind. Pictures are
+are wrapped to their cell, and the PNG is written through etils.epath (a workdir may be a URL);
+a local one atomically: a temporary file in the same directory, then os.replace, so a crash
+never leaves half a picture behind. Pictures are
 saved with a 256-colour palette: a 4-query retrieval grid of real photos is ~200 KB, not ~550.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from mmjax import epath_io
 
 THUMB = 96  # thumbnail side, pixels
 FRAME = 3  # outline width around a thumbnail / caption cell
@@ -114,21 +116,14 @@ def _check_mark(draw: ImageDraw.ImageDraw, x: int, y: int) -> None:
     draw.line([(x, y + 5), (x + 3, y + 9), (x + 10, y)], fill=GREEN, width=2)
 
 
-def _save(image: Image.Image, path: str) -> None:
-    """Write the PNG atomically: a temp file beside `path`, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        # 256 colours (octree, no dithering): photos compress ~3x smaller than as RGB, and the
-        # few flat marking colours come through exactly.
-        small = image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-        with os.fdopen(fd, "wb") as f:
-            small.save(f, format="PNG", compress_level=9)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _save(image: Image.Image, path) -> None:
+    """Write the PNG; a local one atomically (epath_io.write_atomic)."""
+    # 256 colours (octree, no dithering): photos compress ~3x smaller than as RGB, and the
+    # few flat marking colours come through exactly.
+    small = image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    png = io.BytesIO()
+    small.save(png, format="PNG", compress_level=9)
+    epath_io.write_atomic(path, png.getvalue())
 
 
 def _column_x(col: int) -> int:

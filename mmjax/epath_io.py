@@ -1,0 +1,34 @@
+"""Workdir files that may be local or under a URL (--workdir=gs://bucket/run), through etils.epath."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+from etils import epath
+
+
+def is_remote(path) -> bool:
+    """gs://, s3:// ...: an object store, where a file cannot be appended to and rename is not atomic."""
+    return "://" in os.fspath(path)
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Locally: a temporary file beside `path`, fsynced, then renamed over it, so a crash leaves the
+    old file or the new one, never half a file. Remotely: written directly, since an object store
+    publishes an object only when its upload completes, and not every store can rename."""
+    path = epath.Path(path)
+    if is_remote(path):
+        path.write_bytes(data)
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
