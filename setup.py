@@ -43,6 +43,8 @@ setup(
             "pytest>=8", "pytest-xdist", "simplejpeg", "nbclient", "nbformat", "ipykernel",
             "torch>=2.4,<2.14", "open_clip_torch",
         ],
+        # --workdir=gs://...: etils.epath reaches GCS through gcsfs, tensorboardX through google-cloud-storage
+        "gcs": ["gcsfs", "google-cloud-storage"],
         # open_clip itself, beside mmjax (its tokenizer's vocabulary file is read from the installed package)
         "interop": ["open_clip_torch"],
     },

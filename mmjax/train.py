@@ -38,9 +38,11 @@ def prepare_workdir(workdir: str) -> str:
         probe = epath.Path(workdir) / f".write_test.{jax.process_index()}"  # processes may share the workdir
         probe.write_bytes(b"")
         probe.unlink()
-    except (OSError, ImportError) as e:  # ImportError: no filesystem package for the URL's scheme (gcsfs, s3fs)
-        reason = getattr(e, "strerror", None) or e
-        raise ConfigError(f"workdir {workdir} is not writable ({reason}); pass --workdir=<a writable directory>")
+    except ImportError as e:  # no filesystem package for the URL's scheme
+        raise ConfigError(f"workdir {workdir} needs a filesystem package ({e}); for gs:// run "
+                          "pip install -e '.[gcs]' (gcsfs, google-cloud-storage), for s3:// pip install s3fs")
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} is not writable ({e.strerror or e}); pass --workdir=<a writable directory>")
     return workdir
 
 

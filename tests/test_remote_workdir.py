@@ -117,3 +117,10 @@ def test_checkpoint_housekeeping(bucket):
                                 "test-bucket/run/checkpoints_unreadable/2/state/a"]
     assert reloads == [1]
     assert checkpoint._size(checkpoint._free_bytes(directory)) == "an unknown amount"
+
+
+def test_a_url_without_its_filesystem_package_names_the_install():
+    if importlib.util.find_spec("s3fs"):
+        pytest.skip("s3fs is installed: the URL would be tried for real")
+    with pytest.raises(train.ConfigError, match=r"needs a filesystem package .*pip install s3fs"):
+        train.prepare_workdir("s3://no-bucket/run")
