@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # mmjax on every worker of a Cloud TPU VM pod slice, through gcloud: the code goes to ~/mmjax
 # on each worker (this checkout's files, tracked and untracked-not-ignored, or a git clone with
-# --repo), is installed there (pip install -e . with jax[tpu]), and `python3 -m mmjax.main
+# --repo), is installed there (pip install -e '.[gcs]' with jax[tpu]: gs:// workdirs), and `python3 -m mmjax.main
 # --distributed ARGS...` runs on all workers at once; jax finds the coordinator and process ids
 # from the TPU metadata, and each host feeds its own share of the batch.
 #
@@ -59,6 +59,6 @@ if [ "$install" = 1 ]; then
     run gcloud compute tpus tpu-vm scp "$tarball" "$tpu:~/mmjax.tar.gz" --zone "$zone" ${project[@]+"${project[@]}"} --worker=all
     fetch="rm -rf ~/mmjax && mkdir -p ~/mmjax && tar -xzf ~/mmjax.tar.gz -C ~/mmjax"
   fi
-  on_all_workers "$fetch && cd ~/mmjax && python3 -m pip install -q -e . 'jax[tpu]'"
+  on_all_workers "$fetch && cd ~/mmjax && python3 -m pip install -q -e '.[gcs]' 'jax[tpu]'"
 fi
 on_all_workers "cd ~/mmjax && python3 -m mmjax.main --distributed$args"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # mmjax as an xpk workload on a GKE TPU cluster, one or several slices: xpk layers this
 # checkout into a docker image (on --base-docker-image, or runs --docker-image as it is), and
-# every host runs `pip install -e . 'jax[tpu]' && python3 -m mmjax.main --distributed
+# every host runs `pip install -e '.[gcs]' 'jax[tpu]' && python3 -m mmjax.main --distributed
 # --config.mesh.dcn_data=SLICES ARGS...` (no install in a --docker-image). With several slices
 # the data axis spans them (a hybrid ICI/DCN mesh; mesh.data etc. are then per-slice sizes);
 # a --config.mesh.dcn_data in ARGS comes later and wins.
@@ -53,7 +53,7 @@ if [ -n "$image" ]; then  # a ready image: mmjax is installed in it
   code=(--docker-image "$image")
 else
   code=(--base-docker-image "$base_image" --script-dir "$(cd "$(dirname "$0")/.." && pwd)")
-  command="python3 -m pip install -q -e . 'jax[tpu]' && $command"
+  command="python3 -m pip install -q -e '.[gcs]' 'jax[tpu]' && $command"
 fi
 cmd=(xpk workload create --cluster "$cluster" --workload "$workload" --tpu-type "$tpu_type" --num-slices "$slices"
      ${extra[@]+"${extra[@]}"} "${code[@]}" --command "$command")

@@ -79,7 +79,7 @@ def test_tpu_pod_copies_installs_and_runs_on_every_worker():
     for ssh in (install, train):
         assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
         assert {"--worker=all", "us-east5-a", "p"} <= set(ssh)
-    assert "pip install -q -e . 'jax[tpu]'" in install[-1]
+    assert "pip install -q -e '.[gcs]' 'jax[tpu]'" in install[-1]
     assert main_args(train[-1]) == ["--distributed", "--config=configs/coca.py", SPACED]
 
 
@@ -98,7 +98,7 @@ def test_xpk_spans_the_slices_along_data():
     options = dict(zip(cmd[3:-2:2], cmd[4:-2:2]))
     assert options["--cluster"] == "c" and options["--tpu-type"] == "v5p-256" and options["--num-slices"] == "2"
     assert options["--zone"] == "z" and options["--base-docker-image"] and os.path.isdir(options["--script-dir"])
-    assert cmd[-2] == "--command" and "pip install -q -e ." in cmd[-1]
+    assert cmd[-2] == "--command" and "pip install -q -e '.[gcs]'" in cmd[-1]
     assert main_args(cmd[-1]) == ["--distributed", "--config.mesh.dcn_data=2", "--config=configs/coca.py", SPACED]
 
 
