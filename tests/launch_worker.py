@@ -2,8 +2,8 @@
 joins the process group through mmjax.distributed as main.py does, then checks it is real with
 a psum over every process's devices. Prints one JSON line.
 
---fail=I: process I exits with status 3 at once and the others print their pid and wait
-forever, so that the test sees local.sh stop them."""
+--fail=I --ready=FILE: the others print their pid, create FILE and wait forever; process I
+exits with status 3 once FILE exists (so the pid is on the console before local.sh stops them)."""
 import argparse
 import json
 import os
@@ -12,14 +12,17 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("coordinator_address", "num_processes", "process_id", "fail"):
-        parser.add_argument(f"--{name}", type=str if name == "coordinator_address" else int)
+    for name in ("coordinator_address", "num_processes", "process_id", "fail", "ready"):
+        parser.add_argument(f"--{name}", type=str if name in ("coordinator_address", "ready") else int)
     parser.add_argument("--distributed", action="store_true")
     args = parser.parse_args()
     if args.fail is not None:
         if args.process_id == args.fail:
+            while not os.path.exists(args.ready):
+                time.sleep(0.05)
             raise SystemExit(3)
         print(json.dumps({"waiting": os.getpid()}), flush=True)
+        open(args.ready, "w").close()
         while True:  # until local.sh stops this process
             time.sleep(1)
 

@@ -201,9 +201,9 @@ def test_local_processes_join_one_group():
         assert report["hybrid_processes"] == [0, 0, 1, 1]
 
 
-def test_local_stops_the_others_when_one_fails():
+def test_local_stops_the_others_when_one_fails(tmp_path):
     start = time.monotonic()
-    result = local_sh("2", "--devices_per_process", "1", "--fail=1")
+    result = local_sh("2", "--devices_per_process", "1", "--fail=1", f"--ready={tmp_path / 'ready'}")
     assert result.returncode == 3 and "stopping the others" in result.stderr, result.stderr
     assert time.monotonic() - start < 60
     [waiting] = [r["waiting"] for r in reports(result.stdout).values()]
