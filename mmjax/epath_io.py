@@ -13,6 +13,12 @@ def is_remote(path) -> bool:
     return "://" in os.fspath(path)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (~ expanded), so messages say where; a URL as it is (abspath
+    would turn gs://bucket/run into a local directory named "gs:")."""
+    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def write_atomic(path, data: bytes) -> None:
     """Locally: a temporary file beside `path`, fsynced, then renamed over it, so a crash leaves the
     old file or the new one, never half a file. Remotely: written directly, since an object store

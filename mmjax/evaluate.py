@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmjax import evals, run_record, validation
+from mmjax import epath_io, evals, run_record, validation
 from mmjax.evals import standalone
 from mmjax.errors import ConfigError, UserError
 
@@ -72,7 +72,7 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = epath_io.absolute(_WORKDIR.value)
     try:
         step, results, chance = standalone.evaluate(workdir, flags.FLAGS.config, _STEP.value, _EVALS.value)
     except UserError as e:

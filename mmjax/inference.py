@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax import checkpoint, run_record
+from mmjax import checkpoint, epath_io, run_record
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.errors import UserError
 from mmjax.models import build_model
@@ -67,7 +67,7 @@ def checkpoint_step(ckpt: checkpoint.Checkpointer, step: int | None, workdir: st
 def load(workdir: str, step: int | None = None, config=None, devices=None) -> Run:
     """The run in `workdir` at `step` (default: its latest checkpoint). `config` replaces the
     recorded one (e.g. with other evals); its model section must be the recorded one's."""
-    workdir = os.path.abspath(workdir)
+    workdir = epath_io.absolute(workdir)
     recorded, tokenizer = run_record.load(workdir)
     config = recorded if config is None else config
     devices = jax.devices() if devices is None else devices

@@ -18,7 +18,9 @@ import re
 import jax
 from flax import traverse_util
 
-from mmjax import checkpoint, inference, run_record
+from etils import epath
+
+from mmjax import checkpoint, epath_io, inference, run_record
 from mmjax.errors import UserError
 from mmjax.models import scan_layout
 
@@ -47,13 +49,13 @@ def _source_kind(path: str) -> str:
     """"workdir" or "openclip"; UserError naming the problem and the fix otherwise."""
     what = "a run's workdir (with config.json and checkpoints/) or an OpenCLIP checkpoint (" + ", ".join(
         OPENCLIP_SUFFIXES) + ")"
-    path = os.path.abspath(os.path.expanduser(path))  # the message says where it looked
-    if os.path.isdir(path):
-        if not os.path.isfile(run_record.path(path)):
+    path = epath_io.absolute(path)  # the message says where it looked
+    if epath.Path(path).is_dir():
+        if not epath.Path(run_record.path(path)).is_file():
             raise UserError(f"init.path {path} is a directory without config.json, so no mmjax workdir; "
                             f"set --config.init.path to {what}")
         return "workdir"
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         if not path.endswith(OPENCLIP_SUFFIXES):
             raise UserError(f"init.path {path} is a file of unknown kind; set --config.init.path to {what}")
         return "openclip"
@@ -81,7 +83,7 @@ def apply(config, params, devices):
 def _unrolled_source(path: str, model_cfg, devices, target_params) -> dict:
     """The source's parameters in the unrolled layout, flat by "/"-joined path."""
     if _source_kind(path) == "workdir":
-        params = inference.load(os.path.expanduser(path), devices=devices).params
+        params = inference.load(path, devices=devices).params
     else:
         from mmjax.interop import openclip  # torch-free, but only fine-tunes from OpenCLIP need it
 

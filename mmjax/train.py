@@ -30,9 +30,7 @@ from mmjax.tools import flops
 
 
 def prepare_workdir(workdir: str) -> str:
-    # A URL (gs://bucket/run) stays one: abspath would turn it into a local directory named "gs:".
-    if not epath_io.is_remote(workdir):
-        workdir = os.path.abspath(workdir)
+    workdir = epath_io.absolute(workdir)
     try:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         probe = epath.Path(workdir) / f".write_test.{jax.process_index()}"  # processes may share the workdir

@@ -4,6 +4,7 @@ local directory named `gs:` appears. No network: epath routes gs:// to fsspec's 
 object store, cannot append."""
 import contextlib
 import importlib
+import json
 import os
 import types
 
@@ -14,9 +15,10 @@ import pytest
 from etils.epath import backend
 from fsspec.implementations.memory import MemoryFileSystem
 
-from mmjax import checkpoint, metrics, run_record, train
+from mmjax import checkpoint, epath_io, init_from, metrics, run_record, train
 from mmjax.data import shapes, tokenizer as tokenizer_lib
-from mmjax.evals import pictures
+from mmjax.errors import UserError
+from mmjax.evals import pictures, standalone
 
 RUN = "gs://test-bucket/run"
 
@@ -94,6 +96,18 @@ def test_metrics_rewrite_on_resume_and_curves(bucket, monkeypatch):
     assert metrics.read_jsonl(f"{RUN}/metrics.jsonl") == [
         {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": None}]
     assert bucket()["test-bucket/run/curves.png"].startswith(b"\x89PNG")
+
+
+def test_tools_take_a_url_workdir(bucket):
+    """evaluate's results file, and init.path naming a run in a bucket (its kind decided there)."""
+    assert epath_io.absolute(RUN) == RUN
+    standalone.write_results(f"{RUN}/eval_4.json", 4, {"a": 1.0})
+    standalone.write_results(f"{RUN}/eval_4.json", 4, {"b": 2.0})  # results of one checkpoint accumulate
+    assert json.loads(bucket()["test-bucket/run/eval_4.json"])["results"] == {"a": 1.0, "b": 2.0}
+    with pytest.raises(UserError, match="without config.json"):
+        init_from._source_kind(RUN)
+    fsspec.filesystem("gcs").pipe(f"{RUN}/config.json", b"{}")
+    assert init_from._source_kind(RUN) == "workdir"
 
 
 def test_pictures(bucket):

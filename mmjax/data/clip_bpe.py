@@ -41,6 +41,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from mmjax.data.tokenizer import TextTokenizer, pack
 from mmjax.errors import UserError
@@ -94,7 +95,7 @@ def load(spec: str) -> ClipBPETokenizer:
 def load_workdir(workdir: str) -> ClipBPETokenizer:
     """The tokenizer a run kept in its workdir (the copy mmjax.run_record.write made)."""
     path = os.path.join(workdir, WORKDIR_FILE)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise UserError(f"{path} not found: the run's CLIP BPE vocabulary is missing; copy open_clip's {VOCAB_NAME} "
                         "there under that name")
     return ClipBPETokenizer(_read(path), path)
@@ -102,8 +103,7 @@ def load_workdir(workdir: str) -> ClipBPETokenizer:
 
 def _read(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return epath.Path(path).read_bytes()
     except OSError as e:
         raise UserError(f"CLIP BPE vocabulary {path} cannot be read ({e.strerror})") from e
 

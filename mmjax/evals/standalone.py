@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
+from etils import epath
 
-from mmjax import evals, inference
+from mmjax import epath_io, evals, inference
 from mmjax.errors import UserError
 from mmjax.evals.predictor import Predictor
 
@@ -30,14 +30,10 @@ def write_results(path: str, step: int, results: dict) -> str:
     """Add `results` to the step's file: evaluations of one checkpoint run at different times
     accumulate (a metric measured again is replaced)."""
     try:
-        with open(path) as f:
-            saved = json.load(f)["results"]
+        saved = json.loads(epath.Path(path).read_text())["results"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         saved = {}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "results": {**saved, **results}}, f, indent=2)
-    os.replace(tmp, path)
+    epath_io.write_atomic(path, json.dumps({"step": step, "results": {**saved, **results}}, indent=2).encode())
     return path
 
 
