@@ -1,14 +1,31 @@
 """Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, curves.png."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
+import sys
 
-import tensorboardX
 from etils import epath
 
 from mmjax import epath_io
+
+
+def _tensorboardx_without_torch():
+    """tensorboardX imports torch whenever it is installed (1.4 s of every start, to accept torch
+    tensors); we log Python floats. Unless this program already loaded torch, a None entry in
+    sys.modules makes its `import torch` fail, as if torch were not installed."""
+    if "torch" in sys.modules:
+        return importlib.import_module("tensorboardX")
+    sys.modules["torch"] = None
+    try:
+        return importlib.import_module("tensorboardX")
+    finally:
+        del sys.modules["torch"]
+
+
+tensorboardX = _tensorboardx_without_torch()
 
 
 class MetricsWriter:
