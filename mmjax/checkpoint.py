@@ -47,8 +47,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
         """read_only: for tools reading a run's checkpoints, maybe while it trains: nothing is
         written, and the run's in-flight tmp step is left alone."""
-        # A URL (gs://bucket/run/checkpoints) stays one: abspath would make it a local path.
-        self._directory = directory if epath_io.is_remote(directory) else os.path.abspath(directory)
+        self._directory = epath_io.absolute(directory)
         self._aside = f"{self._directory}_unreadable"  # where unreadable steps go: orbax never looks there
         self._quiet = orbax_console.QuietOrbax()
         self._saving = None  # step of the last save not yet seen to have landed

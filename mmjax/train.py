@@ -311,8 +311,7 @@ def _shut_down(opened, ckpt, keep_pending_saves: bool, quiet: bool) -> None:
 
 def _describe_devices(mesh) -> str:
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
-    return (f"{mesh.devices.size} × {'/'.join(kinds)} ({jax.default_backend()}) in "
-            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; mesh {_axes(mesh)}")
+    return f"{mesh.devices.size} × {'/'.join(kinds)} ({jax.default_backend()}) in {_processes()}; mesh {_axes(mesh)}"
 
 
 def _count(params) -> str:
@@ -329,12 +328,16 @@ class _Data:
 
 
 def _layout(mesh) -> str:
-    processes = jax.process_count()
-    return f"mesh {_axes(mesh)} in {processes} process{'es' if processes > 1 else ''}"
+    return f"mesh {_axes(mesh)} in {_processes()}"
 
 
 def _axes(mesh) -> str:
     return " × ".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+def _processes() -> str:
+    n = jax.process_count()
+    return f"{n} process{'es' if n > 1 else ''}"
 
 
 def _resharded(saved_layout: str | None, mesh) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from mmjax import models
 from mmjax.objectives import accumulate
 
+
 def upgrade(record: dict) -> dict:
     """The record (config.json's dict) in today's schema; a current one is returned as it is."""
     record = dict(record)
