@@ -7,6 +7,8 @@ import tempfile
 
 from etils import epath
 
+from mmjax.errors import ConfigError
+
 
 def is_remote(path) -> bool:
     """gs://, s3:// ...: an object store, where a file cannot be appended to and rename is not atomic."""
@@ -17,6 +19,16 @@ def absolute(path: str) -> str:
     """A local path made absolute (~ expanded), so messages say where; a URL as it is (abspath
     would turn gs://bucket/run into a local directory named "gs:")."""
     return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def check_filesystem(path: str) -> None:
+    """A URL whose scheme needs a package that is not installed (gcsfs for gs://) is one line
+    naming the install, before anything reads or writes there."""
+    try:
+        epath.Path(path).exists()
+    except ImportError as e:
+        raise ConfigError(f"{path} needs a filesystem package ({e}); for gs:// run pip install -e '.[gcs]' "
+                          "(gcsfs, google-cloud-storage), for s3:// pip install s3fs") from None
 
 
 def write_atomic(path, data: bytes) -> None:

@@ -68,6 +68,7 @@ def load(workdir: str, step: int | None = None, config=None, devices=None) -> Ru
     """The run in `workdir` at `step` (default: its latest checkpoint). `config` replaces the
     recorded one (e.g. with other evals); its model section must be the recorded one's."""
     workdir = epath_io.absolute(workdir)
+    epath_io.check_filesystem(workdir)
     recorded, tokenizer = run_record.load(workdir)
     config = recorded if config is None else config
     devices = jax.devices() if devices is None else devices

@@ -31,14 +31,12 @@ from mmjax.tools import flops
 
 def prepare_workdir(workdir: str) -> str:
     workdir = epath_io.absolute(workdir)
+    epath_io.check_filesystem(workdir)
     try:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         probe = epath.Path(workdir) / f".write_test.{jax.process_index()}"  # processes may share the workdir
         probe.write_bytes(b"")
         probe.unlink()
-    except ImportError as e:  # no filesystem package for the URL's scheme
-        raise ConfigError(f"workdir {workdir} needs a filesystem package ({e}); for gs:// run "
-                          "pip install -e '.[gcs]' (gcsfs, google-cloud-storage), for s3:// pip install s3fs")
     except OSError as e:
         raise ConfigError(f"workdir {workdir} is not writable ({e.strerror or e}); pass --workdir=<a writable directory>")
     return workdir
@@ -186,6 +184,7 @@ def _run_checked(config, workdir: str) -> dict[str, float] | None:
     check_config(config, mesh)
     pipeline.check_sources(config.data)
     evals.check_sources(config)
+    epath_io.check_filesystem(workdir)  # before the first look into it
     run_record.refuse_imported(workdir)
     init_from.check_source(config.init, workdir)
     workdir = prepare_workdir(workdir)

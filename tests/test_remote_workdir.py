@@ -15,7 +15,7 @@ import pytest
 from etils.epath import backend
 from fsspec.implementations.memory import MemoryFileSystem
 
-from mmjax import checkpoint, epath_io, init_from, metrics, run_record, train
+from mmjax import checkpoint, epath_io, inference, init_from, metrics, run_record, train
 from mmjax.data import shapes, tokenizer as tokenizer_lib
 from mmjax.errors import UserError
 from mmjax.evals import pictures, standalone
@@ -136,5 +136,6 @@ def test_checkpoint_housekeeping(bucket):
 def test_a_url_without_its_filesystem_package_names_the_install():
     if importlib.util.find_spec("s3fs"):
         pytest.skip("s3fs is installed: the URL would be tried for real")
-    with pytest.raises(train.ConfigError, match=r"needs a filesystem package .*pip install s3fs"):
-        train.prepare_workdir("s3://no-bucket/run")
+    for reach in (train.prepare_workdir, inference.load):  # the trainer's workdir, and every tool's
+        with pytest.raises(train.ConfigError, match=r"needs a filesystem package .*pip install s3fs"):
+            reach("s3://no-bucket/run")
