@@ -15,7 +15,7 @@ a fingerprint of what produced it.
 from __future__ import annotations
 
 import copy
-import functools
+import dataclasses
 import json
 import math
 import signal
@@ -159,26 +159,45 @@ def train_decode_size(data_cfg) -> int:
     return data_cfg.image_size
 
 
-def _train_example(raw: dict, rng: np.random.Generator, data_cfg, tokenizer) -> dict:
-    if raw["skip"]:
-        return skips.skipped(raw["skip"], raw["key"])
-    aug = data_cfg.augment
-    try:
-        image = preprocess.decode_image(
-            raw["image"], min_size=train_decode_size(data_cfg), decoder=data_cfg.decoder,
-            max_pixels=data_cfg.max_image_pixels,
-        )
-        image = preprocess.train_image(
-            image, data_cfg.image_size, rng, crop=aug.crop, scale=tuple(aug.scale), ratio=tuple(aug.ratio), flip=aug.flip
-        )
-        text = preprocess.caption_text(raw["captions"], rng)
-    except preprocess.Skip as e:
-        return skips.skipped(e.reason, raw["key"])
-    return {
-        "image": image,
-        "tokens": tokenizer.encode([text], data_cfg.text_len)[0],
-        "label": np.int32(raw["label"]),
-    }
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+    """raw record -> training example (or a skip): decode, crop, pick a caption, tokenize.
+    The options are read from the config once: a dozen ConfigDict lookups per record cost
+    ~15 µs, ~5% of what an embedded (shapes) record costs in all."""
+
+    tokenizer: tokenizer_lib.TextTokenizer
+    decode_size: int
+    decoder: str
+    max_pixels: int
+    image_size: int
+    crop: str
+    scale: tuple
+    ratio: tuple
+    flip: bool
+    text_len: int
+
+    @classmethod
+    def from_config(cls, data_cfg, tokenizer) -> "_TrainExample":
+        aug = data_cfg.augment
+        return cls(tokenizer, train_decode_size(data_cfg), data_cfg.decoder, data_cfg.max_image_pixels,
+                   data_cfg.image_size, aug.crop, tuple(aug.scale), tuple(aug.ratio), aug.flip, data_cfg.text_len)
+
+    def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+        if raw["skip"]:
+            return skips.skipped(raw["skip"], raw["key"])
+        try:
+            image = preprocess.decode_image(raw["image"], min_size=self.decode_size, decoder=self.decoder,
+                                            max_pixels=self.max_pixels)
+            image = preprocess.train_image(image, self.image_size, rng, crop=self.crop, scale=self.scale,
+                                           ratio=self.ratio, flip=self.flip)
+            text = preprocess.caption_text(raw["captions"], rng)
+        except preprocess.Skip as e:
+            return skips.skipped(e.reason, raw["key"])
+        return {
+            "image": image,
+            "tokens": self.tokenizer.encode([text], self.text_len)[0],
+            "label": np.int32(raw["label"]),
+        }
 
 
 def train_dataset(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_size: int, seed: int) -> grain.IterDataset:
@@ -189,8 +208,7 @@ def train_dataset(data_cfg, tokenizer: tokenizer_lib.Tokenizer, global_batch_siz
         raise UserError(f"batch_size {global_batch_size} is not divisible by the {n} processes; use a multiple of {n}")
     check_options(data_cfg)
     ds = raw_records(data_cfg.train, data_cfg, seed)
-    example = functools.partial(_train_example, data_cfg=data_cfg, tokenizer=tokenizer)
-    ds = ds.random_map(example, seed=_seed(seed, "augment", jax.process_index()))
+    ds = ds.random_map(_TrainExample.from_config(data_cfg, tokenizer), seed=_seed(seed, "augment", jax.process_index()))
     ds = skips.SkipCountingIterDataset(ds)
     ds = ds.batch(global_batch_size // n, drop_remainder=True)
     if data_cfg.worker_count > 0:
