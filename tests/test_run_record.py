@@ -63,10 +63,11 @@ def test_resumable_changes_make_one_note():
         "optimizer.learning_rate": 3e-4, "model.remat": "dots", "objective.contrastive.options.impl": "dense",
         "data.num_eval": 128,
     })
+    default = coca()
     notes = run_record.check_resume(saved(), changed, saved_step=250)
     assert len(notes) == 1
     assert notes[0].startswith("resuming with changed settings: ")
-    for part in ("log_every 25 -> 5", "total_steps 800 -> 1000", "eval.batch_size 256 -> 64", "mesh.data -1 -> 2",
+    for part in (f"log_every {default.log_every} -> 5", f"total_steps {default.total_steps} -> 1000", "eval.batch_size 256 -> 64", "mesh.data -1 -> 2",
                  "mesh.fsdp 1 -> 4", "optimizer.learning_rate 0.001 -> 0.0003", "model.remat 'none' -> 'dots'",
                  "objective.contrastive.options.impl 'blockwise' -> 'dense'", "data.num_eval 512 -> 128"):
         assert part in notes[0]
@@ -82,8 +83,9 @@ def test_total_steps_at_or_below_the_checkpoint_is_a_note(total_steps):
 
 
 def test_finished_run_relaunched_unchanged_is_a_note():
-    notes = run_record.check_resume(saved(), coca(), saved_step=800)
-    assert len(notes) == 1 and "already at step 800 ≥ total_steps 800" in notes[0]
+    total = coca().total_steps
+    notes = run_record.check_resume(saved(), coca(), saved_step=total)
+    assert len(notes) == 1 and f"already at step {total} ≥ total_steps {total}" in notes[0]
 
 
 @pytest.mark.parametrize("key,value", [
@@ -133,7 +135,7 @@ def test_an_interrupted_write_keeps_the_old_record(tmp_path, monkeypatch, crashi
     with pytest.raises(KeyboardInterrupt):
         run_record.write(workdir, coca(total_steps=5))
     with open(run_record.path(workdir)) as f:
-        assert json.load(f)["total_steps"] == 800
+        assert json.load(f)["total_steps"] == coca().total_steps
     assert os.listdir(workdir) == ["config.json"]  # no temporary file left behind
 
 

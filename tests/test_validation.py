@@ -82,7 +82,7 @@ BAD = [
     ("configs/coca.py", {"data.tokenizer": "/no/such.model"}, ["SentencePiece .model file", "clip_bpe"]),
     ("configs/clip.py", {"data.tokenizer": "clip_bpe:/no/vocab.txt.gz"}, ["bpe_simple_vocab_16e6.txt.gz"]),
     ("configs/coca.py", {"data.text_len": 1}, ["at least 2"]),
-    ("configs/coca.py", {"data.image_size": 30}, ["model.vision.patch_size=4", "28 or 32"]),
+    ("configs/coca.py", {"data.image_size": 30}, ["model.vision.patch_size=8", "24 or 32"]),
     ("configs/coca.py", {"data.augment.crop": "random"}, ["random_resized, center"]),
     ("configs/coca.py", {"data.decoder": "turbo"}, ["auto, pillow, simplejpeg"]),
     ("configs/coca.py", {"data.max_bad_fraction": 2.0}, ["[0, 1]"]),
