@@ -162,7 +162,9 @@ def test_failed_save_stops_the_run_in_one_line(tmp_path):
 
         ckpt = Checkpointer({str(tmp_path / "a")!r}, keep=5)
         ckpt.save(1, tiny_state(1), {{"position": 1}})
-        ckpt.save(2, tiny_state(2, rows=1024), {{"position": 2}})  # 128 KiB of incompressible floats
+        # 8 shards of 128 KiB of incompressible floats: each over the limit on its own, since
+        # OCDBT may write the shards to separate files (it did under load: 16 KiB shards passed)
+        ckpt.save(2, tiny_state(2, rows=8192), {{"position": 2}})
         try:
             for _ in range(600):  # the trainer's per-step check, until the async write fails
                 ckpt.check_for_errors()
@@ -177,7 +179,7 @@ def test_failed_save_stops_the_run_in_one_line(tmp_path):
         report["left"] = sorted(os.listdir({str(tmp_path / "a")!r}))
 
         ckpt = Checkpointer({str(tmp_path / "b")!r}, keep=5)
-        ckpt.save(5, tiny_state(5, rows=1024), {{}})
+        ckpt.save(5, tiny_state(5, rows=8192), {{}})
         ckpt.close(abandon=True)  # an exception on its way out: the failing save stays quiet
         report["left_abandoned"] = sorted(os.listdir({str(tmp_path / "b")!r}))
         print(json.dumps(report))
