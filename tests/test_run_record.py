@@ -67,8 +67,8 @@ def test_resumable_changes_make_one_note():
     notes = run_record.check_resume(saved(), changed, saved_step=250)
     assert len(notes) == 1
     assert notes[0].startswith("resuming with changed settings: ")
-    for part in (f"log_every {default.log_every} -> 5", f"total_steps {default.total_steps} -> 1000", "eval.batch_size 256 -> 64", "mesh.data -1 -> 2",
-                 "mesh.fsdp 1 -> 4", "optimizer.learning_rate 0.001 -> 0.0003", "model.remat 'none' -> 'dots'",
+    for part in (f"log_every {default.log_every} -> 5", f"total_steps {default.total_steps} -> 1000",
+                 "eval.batch_size 256 -> 64", "mesh.data -1 -> 2", "mesh.fsdp 1 -> 4", "optimizer.learning_rate 0.001 -> 0.0003", "model.remat 'none' -> 'dots'",
                  "objective.contrastive.options.impl 'blockwise' -> 'dense'", "data.num_eval 512 -> 128"):
         assert part in notes[0]
 
