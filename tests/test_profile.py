@@ -90,7 +90,9 @@ def test_nested_events_count_their_own_time_only():
 
 def test_traced_cpu_step_accounts_for_all_op_time():
     config = load_config("configs/clip.py")
-    config.model = tiny_zoo_model("configs/clip.py", depth=1)
+    # depth 2: a CLIP tower's last block attends from one query (its pooled position), whose
+    # scores XLA computes without a batched matmul; the first block has them.
+    config.model = tiny_zoo_model("configs/clip.py", depth=2)
     config.batch_size = 16  # 8 simulated devices: a data-parallel step with an all-reduce
     rows, total, top = profile.profile(config, steps=1)
     by_category = {r["category"]: r for r in rows}

@@ -262,6 +262,12 @@ class Block(nn.Module):
 
     Decoding: `cache_index` goes to the self-attention; `context=None` makes the
     cross-attention use its cached keys/values (see Attention).
+
+    query_index (int [B]): the block's output only at that one position of each sequence,
+    [B, 1, width]. Exact: everything but attention's keys and values is position-wise, so
+    keys and values come from every position and the rest only from the chosen one. The
+    last block of a tower pooled at one token (CLIP's [CLS] and EOT) skips the other
+    positions' queries, output projection and MLP: most of the block.
     """
 
     num_heads: int
@@ -273,12 +279,20 @@ class Block(nn.Module):
     cross_layout: str = "paper"  # one of CROSS_LAYOUTS
 
     @nn.compact
-    def __call__(self, x, mask=None, context=None, cache_index=None):
+    def __call__(self, x, mask=None, context=None, cache_index=None, query_index=None):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         norm = lambda name, y: self.numerics.layer_norm(self.dtype, name)(y)
         attend = lambda name: Attention(self.num_heads, self.dtype, self.kv_cache, self.numerics.attention, name=name)
         h = norm("ln_attn", x)
-        x = x + attend("attn")(h, h, mask, cache_index)
+        queries = h
+        if query_index is not None:
+            if cache_index is not None:
+                raise ValueError("query_index and cache_index are exclusive: a decoding step has one position already")
+            x, queries = take_positions(x, query_index), take_positions(h, query_index)
+            if mask is not None:  # the chosen query rows of a [B|1, H|1, L, S] mask
+                mask = jnp.broadcast_to(mask, (h.shape[0], *mask.shape[1:-2], h.shape[1], mask.shape[-1]))
+                mask = jnp.take_along_axis(mask, query_index[:, None, None, None], axis=2)
+        x = x + attend("attn")(queries, h, mask, cache_index)
         if self.cross_attention and self.cross_layout == "open_clip":
             x = x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(norm("ln_mlp", x))
             context = None if context is None else norm("ln_context", context)  # None: cached keys/values
@@ -287,6 +301,12 @@ class Block(nn.Module):
         if self.cross_attention:
             x = x + attend("cross_attn")(norm("ln_cross", x), context)
         return x + self.numerics.mlp(self.mlp_dim, self.dtype, "mlp")(norm("ln_mlp", x))
+
+
+def take_positions(x, index):
+    """x [B, L, ...], index int [B] -> x[b, index[b]] as [B, 1, ...]."""
+    index = index.reshape(-1, *([1] * (x.ndim - 1)))
+    return jnp.take_along_axis(x, index, axis=1)
 
 
 # Rematerialisation per block: which intermediates the backward pass may keep instead of
@@ -316,6 +336,9 @@ class Transformer(nn.Module):
       decoding step (see Attention); None: an ordinary (or prefill) pass.
     numerics: every block's LayerNorm ε, MLP activation and attention implementation (see Numerics).
     cross_layout: where a cross-attending block's cross-attention sits (see Block).
+    query_index (int [B]): the output only at that position of each sequence, [B, 1, width];
+      without scan the last block computes only that position (see Block), a scanned stack
+      computes every position and then takes it.
     """
 
     depth: int
@@ -330,7 +353,7 @@ class Transformer(nn.Module):
     cross_layout: str = "paper"
 
     @nn.compact
-    def __call__(self, x, mask=None, context=None, cache_index=None):
+    def __call__(self, x, mask=None, context=None, cache_index=None, query_index=None):
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {list(REMAT_CHOICES)}")
         if self.cross_layout not in CROSS_LAYOUTS:
@@ -351,7 +374,8 @@ class Transformer(nn.Module):
         )
         if not self.scan:
             for i in range(self.depth):
-                x = make(f"block{i}")(x, mask, context, cache_index)
+                last = i == self.depth - 1
+                x = make(f"block{i}")(x, mask, context, cache_index, query_index if last else None)
             return x
         stack = nn.scan(
             lambda blk, carry, mask, context, cache_index: (blk(carry, mask, context, cache_index), None),
@@ -362,7 +386,7 @@ class Transformer(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(make(SCANNED_BLOCKS), x, mask, context, cache_index)
-        return x
+        return x if query_index is None else take_positions(x, query_index)
 
 
 def dense(features: int, names: Sequence[str | None], dtype, name: str, use_bias: bool = True):

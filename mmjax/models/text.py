@@ -169,6 +169,8 @@ class TextEncoder(nn.Module):
       after it invisible, so no padding mask is needed.
     pool="last" (SigLIP, big_vision's text_transformer): bidirectional, no padding mask,
       pooled at the final position whatever it holds.
+    features=False: (pooled feature, None), the last block computing the pooled position
+      alone (layers.Block's query_index).
     """
 
     vocab_size: int
@@ -184,7 +186,7 @@ class TextEncoder(nn.Module):
     numerics: layers.Numerics = layers.Numerics()
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, features: bool = True):
         if self.pool not in TEXT_POOLING:
             raise ValueError(f"unknown text pooling {self.pool!r}; valid: {list(TEXT_POOLING)}")
         length = tokens.shape[1]
@@ -194,6 +196,11 @@ class TextEncoder(nn.Module):
         )
         x = embed(tokens).astype(self.dtype) + pos.astype(self.dtype)
         causal = self.pool == "eot"
+        if causal:
+            positions = jnp.arange(length)[None, :]
+            pooled_at = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=1)
+        else:
+            pooled_at = jnp.full(tokens.shape[0], length - 1, jnp.int32)
         x = layers.Transformer(
             self.depth,
             self.num_heads,
@@ -203,12 +210,8 @@ class TextEncoder(nn.Module):
             scan=self.scan,
             numerics=self.numerics,
             name="encoder",
-        )(x, causal_mask(length) if causal else None)
+        )(x, causal_mask(length) if causal else None, query_index=None if features else pooled_at)
         x = self.numerics.layer_norm(self.dtype, "ln_out")(x)
-        if causal:
-            positions = jnp.arange(length)[None, :]
-            eot = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=1)
-            pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-        else:
-            pooled = x[:, -1]
-        return pooled, x
+        if not features:
+            return x[:, 0], None
+        return layers.take_positions(x, pooled_at)[:, 0], x

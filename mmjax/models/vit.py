@@ -64,7 +64,11 @@ class ViT(nn.Module):
     numerics: layers.Numerics = layers.Numerics()  # LayerNorm ε, MLP activation
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, cls_only: bool = False):
+        """cls_only: only the [CLS] token's output, [B, 1, width], the last block computing
+        that position alone (layers.Block's query_index)."""
+        if cls_only and not self.class_token:
+            raise ValueError("cls_only needs a class token (class_token=True)")
         if images.dtype == jnp.uint8:
             mean, std = jnp.asarray(self.image_mean, jnp.float32), jnp.asarray(self.image_std, jnp.float32)
             images = (images.astype(jnp.float32) / 255.0 - mean) / std
@@ -92,6 +96,6 @@ class ViT(nn.Module):
             scan=self.scan,
             numerics=self.numerics,
             name="encoder",
-        )(x)
+        )(x, query_index=jnp.zeros(x.shape[0], jnp.int32) if cls_only else None)
         x = self.numerics.layer_norm(self.dtype, "ln_out")(x)
         return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
