@@ -13,6 +13,11 @@ A new entry is made by giving its type first, then its fields:
 """
 from __future__ import annotations
 
+from mmjax import host_memory
+
+if __name__ == "__main__":  # before jax loads: glibc reads malloc tunables at start-up only
+    host_memory.restart_with_kept_buffers("mmjax.evaluate")
+
 import os
 import sys
 

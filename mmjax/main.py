@@ -4,6 +4,11 @@ Re-running the same command with the same workdir resumes from its latest checkp
 """
 from __future__ import annotations
 
+from mmjax import host_memory
+
+if __name__ == "__main__":  # before jax loads: glibc reads malloc tunables at start-up only
+    host_memory.restart_with_kept_buffers("mmjax.main")
+
 import glob
 import os
 import sys

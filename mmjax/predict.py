@@ -12,6 +12,11 @@ skipped; the exit status is then 2.
 """
 from __future__ import annotations
 
+from mmjax import host_memory
+
+if __name__ == "__main__":  # before jax loads: glibc reads malloc tunables at start-up only
+    host_memory.restart_with_kept_buffers("mmjax.predict")
+
 import argparse
 import sys
 

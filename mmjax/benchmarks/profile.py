@@ -32,6 +32,11 @@ AdamW, the non-finite guard).
 """
 from __future__ import annotations
 
+from mmjax import host_memory
+
+if __name__ == "__main__":  # before jax loads: glibc reads malloc tunables at start-up only
+    host_memory.restart_with_kept_buffers("mmjax.benchmarks.profile")
+
 import collections
 import dataclasses
 import glob

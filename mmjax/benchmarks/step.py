@@ -11,6 +11,11 @@ seconds and the compiled step's memory per device.
 """
 from __future__ import annotations
 
+from mmjax import host_memory
+
+if __name__ == "__main__":  # before jax loads: glibc reads malloc tunables at start-up only
+    host_memory.restart_with_kept_buffers("mmjax.benchmarks.step")
+
 import json
 import platform
 import statistics

@@ -17,6 +17,11 @@ Prints one JSON object per measurement, then a table of examples/s and mmjax/ope
 """
 from __future__ import annotations
 
+from mmjax import host_memory
+
+if __name__ == "__main__":  # before jax loads: glibc reads malloc tunables at start-up only
+    host_memory.restart_with_kept_buffers("mmjax.benchmarks.vs_openclip")
+
 import json
 import os
 import platform
