@@ -12,6 +12,9 @@ open_clip.model.CLIP with open_clip.loss.ClipLoss and torch.optim.AdamW. Time: m
 shared machine's changing load falls on both alike. On CPU both run f32 with the same number of
 threads (torch.set_num_threads to the cores XLA's CPU client uses); on a GPU torch runs as
 eager AMP bf16 and torch.compile'd AMP bf16 beside mmjax's configured dtype.
+Started as `python -m`, the process restarts with mmjax's malloc tunables
+(mmjax.host_memory), which torch's allocations then get too: the JSON records them
+(MMJAX_KEEP_BUFFERS=0 runs both on glibc's defaults).
 
 Prints one JSON object per measurement, then a table of examples/s and mmjax/open_clip.
 """
@@ -186,7 +189,7 @@ def environment() -> dict:
 
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "torch": torch.__version__,
             "open_clip": open_clip.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def compare(model: str, batch: int, steps: int, warmup: int = 2, torch_variants=None) -> list[dict]:
