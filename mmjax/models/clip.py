@@ -12,7 +12,7 @@ pooled by a MAP head, the text is bidirectional and pooled at the last position;
 projections ("heads") have a bias; t′ = log 10 and b = −10 are learned, t is not clamped;
 sigmoid loss (config.objective.contrastive.type = "siglip").
 
-Training and the embedding evaluations need only the pooled position of each tower, so
+Training needs only the pooled position of each tower, so
 `__call__` computes the last block of a [CLS]-pooled ViT and of the text tower at that one
 position (keys and values still from every position; layers.Block's query_index): the same
 embeddings, a block's queries, output projection and MLP of every other position skipped.
