@@ -71,7 +71,7 @@ def test_training_embeddings_and_gradients_are_the_whole_towers(config_file, sca
     images = jax.random.randint(jax.random.key(0), (BATCH, 32, 32, 3), 0, 256).astype(jnp.uint8)
     tokens = jax.random.randint(jax.random.key(1), (BATCH, 9), 1, vocab)
     tokens = jnp.where(jnp.arange(9)[None] < jnp.array([[9], [4], [6]]), tokens, PAD)  # EOT at 8, 3, 5
-    params = nn.unbox(model.init(jax.random.key(2), images, tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(2), images, tokens)["params"])  # jitted: op by op it compiles each op
     weights = jax.random.normal(jax.random.key(3), (2, BATCH, config.embed_dim))
 
     def pooled_only(p):
@@ -84,7 +84,26 @@ def test_training_embeddings_and_gradients_are_the_whole_towers(config_file, sca
         assert image_tokens.shape[1] > 1 and features.shape == (BATCH, 9, 32)
         return image, text
 
-    for fast, reference in zip(pooled_only(params), whole_towers(params)):
+    # Jitted: op by op, the gradients of the flax towers took most of a minute.
+    for fast, reference in zip(jax.jit(pooled_only)(params), jax.jit(whole_towers)(params)):
         np.testing.assert_allclose(fast, reference, rtol=1e-5, atol=1e-6)
     loss = lambda f: lambda p: sum(jnp.sum(e * w) for e, w in zip(f(p), weights))
-    assert_trees_close(jax.grad(loss(whole_towers))(params), jax.grad(loss(pooled_only))(params))
+    assert_trees_close(jax.jit(jax.grad(loss(whole_towers)))(params), jax.jit(jax.grad(loss(pooled_only)))(params))
+
+
+@pytest.mark.parametrize("config_file", ["configs/clip.py", "configs/siglip.py"])
+def test_evaluation_embeddings_are_the_whole_towers(config_file):
+    """embed_image/embed_text (what the evaluators' predictors call) against the full encoders."""
+    config = tiny_zoo_model(config_file, depth=2)
+    vocab = 40
+    contrastive = "siglip" if "siglip" in config_file else "clip"
+    model = build_model(config, vocab, PAD, contrastive=contrastive)
+    images = jax.random.randint(jax.random.key(0), (BATCH, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    tokens = jax.random.randint(jax.random.key(1), (BATCH, 9), 1, vocab)
+    tokens = jnp.where(jnp.arange(9)[None] < jnp.array([[9], [4], [6]]), tokens, PAD)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(2), images, tokens)["params"])  # jitted: op by op it compiles each op
+    apply = lambda method, x: model.apply({"params": params}, x, method=method)
+    np.testing.assert_allclose(apply(model.embed_image, images), apply(model.encode_image, images)[0],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply(model.embed_text, tokens), apply(model.encode_text, tokens)[0],
+                               rtol=1e-5, atol=1e-6)

@@ -37,10 +37,11 @@ class Predictor:
         self._batch = sharding.batch_sharding(mesh)
         self._in = (param_shardings, self._batch)
         self._out = sharding.replicated(mesh)
-        self._embed_images = self._jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image)[0])
+        # embed_*: the embedding alone, so a CLIP's last blocks compute the pooled position only.
+        self._embed_images = self._jit(lambda p, images: model.apply({"params": p}, images, method=model.embed_image))
         # The model reads text_len - 1 positions: the last token of a row is only ever a target.
         self._embed_texts = self._jit(
-            lambda p, tokens: model.apply({"params": p}, tokens[:, :-1], method=model.encode_text)[0])
+            lambda p, tokens: model.apply({"params": p}, tokens[:, :-1], method=model.embed_text))
         self._logit_scale = jax.jit(lambda p: model.apply({"params": p}, method=model.clamped_logit_scale),
                                     out_shardings=self._out)
         self._captioners = {}  # DecodeOptions -> jitted (params, images, rng) -> tokens

@@ -12,11 +12,12 @@ pooled by a MAP head, the text is bidirectional and pooled at the last position;
 projections ("heads") have a bias; t′ = log 10 and b = −10 are learned, t is not clamped;
 sigmoid loss (config.objective.contrastive.type = "siglip").
 
-Training needs only the pooled position of each tower, so
-`__call__` computes the last block of a [CLS]-pooled ViT and of the text tower at that one
-position (keys and values still from every position; layers.Block's query_index): the same
-embeddings, a block's queries, output projection and MLP of every other position skipped.
-encode_image/encode_text return the token features too unless told not to.
+Training and the embedding evaluations need only the pooled position of each tower, so
+`__call__` and `embed_image`/`embed_text` (the evaluators' predictors) compute the last block
+of a [CLS]-pooled ViT and of the text tower at that one position (keys and values still from
+every position; layers.Block's query_index): the same embeddings, a block's queries, output
+projection and MLP of every other position skipped. encode_image/encode_text return the
+token features too unless told not to.
 
 The learned scalars t′ and b are set up by `logit_params`, which CoCa shares; which ones a
 model gets, and their inits, follow the objective (mmjax.models.build_model).
@@ -155,6 +156,14 @@ class CLIP(nn.Module):
         position alone."""
         pooled, token_features = self.text_encoder(tokens, features)
         return layers.l2_normalize(self.text_projection(pooled)), token_features
+
+    def embed_image(self, images):
+        """The L2-normalised embedding alone (what zero-shot and retrieval read), by the pooled path."""
+        return self.encode_image(images, tokens=False)[0]
+
+    def embed_text(self, tokens):
+        """The L2-normalised text embedding alone, by the pooled path."""
+        return self.encode_text(tokens, features=False)[0]
 
     def clamped_logit_scale(self):
         return jnp.minimum(self.logit_scale, self.logit_scale_max)

@@ -157,6 +157,15 @@ class CoCa(nn.Module):
         features, cls = self.unimodal_decoder(tokens)
         return layers.l2_normalize(self.text_projection(cls)), features
 
+    def embed_image(self, images):
+        """The L2-normalised embedding alone (what zero-shot and retrieval read); under jit
+        XLA drops the caption tokens nothing reads (a separate caption pooler's work)."""
+        return self.encode_image(images)[0]
+
+    def embed_text(self, tokens):
+        """The L2-normalised text embedding alone."""
+        return self.encode_text(tokens)[0]
+
     def decode(self, text_features, caption_tokens):
         """Next-token logits [B, L, vocab] (f32) from unimodal features and image tokens."""
         return self.multimodal_decoder(text_features, caption_tokens).astype(jnp.float32)
