@@ -186,11 +186,15 @@ def test_every_parameter_has_logical_names_of_its_rank(path, scan):
 # ------------------------------------------------------------------ sharded == single device
 
 
-# CoCa uses every logical name; SigLIP adds the MAP head and the logit bias.
-@pytest.mark.parametrize("path", ["configs/coca.py", "configs/siglip.py"])
-def test_forward_on_2x2x2_mesh_equals_single_device(path):
+# CoCa uses every logical name; SigLIP adds the MAP head and the logit bias; a scanned CLIP
+# runs its towers' pooled last blocks on slices of the stacked, sharded parameters.
+@pytest.mark.parametrize("path, scan", [("configs/coca.py", False), ("configs/siglip.py", False),
+                                        ("configs/clip.py", True)])
+def test_forward_on_2x2x2_mesh_equals_single_device(path, scan):
     contrastive = objective_lib.contrastive_type(load_config(path).objective)
-    model, boxed, params = init(tiny_zoo_model(path), contrastive=contrastive)
+    config = tiny_zoo_model(path)
+    config.scan_layers = scan
+    model, boxed, params = init(config, contrastive=contrastive)
     images, tokens = batch()
     forward = lambda p, x: model.apply({"params": p}, *x)
     expected = jax.jit(forward)(params, (images, tokens))
@@ -201,8 +205,9 @@ def test_forward_on_2x2x2_mesh_equals_single_device(path):
         inputs = jax.device_put((images, tokens), sharding.batch_sharding(mesh))
         out = jax.jit(forward)(sharded, inputs)
     # FSDP splits `embed`, tensor parallelism `mlp`/`heads`/`vocab`: really sharded.
-    fc1 = sharded["image_encoder"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"]
-    assert fc1.sharding.spec == jax.P("fsdp", "tensor")
+    encoder = sharded["image_encoder"]["encoder"]
+    fc1 = encoder["blocks"]["mlp"]["fc1"]["kernel"] if scan else encoder["block0"]["mlp"]["fc1"]["kernel"]
+    assert fc1.sharding.spec == (jax.P(None, "fsdp", "tensor") if scan else jax.P("fsdp", "tensor"))
     chex.assert_trees_all_close(jax.device_get(out), jax.device_get(expected), rtol=1e-5, atol=1e-6)
 
 

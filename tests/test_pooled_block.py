@@ -59,13 +59,16 @@ def test_one_position_and_a_decoding_step_exclude_each_other():
                     mutable=["cache"])
 
 
-@pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("config_file", ["configs/clip.py", "configs/siglip.py"])
-def test_training_embeddings_and_gradients_are_the_whole_towers(config_file, scan):
+@pytest.mark.parametrize("config_file, scan, remat", [
+    ("configs/clip.py", False, "none"), ("configs/clip.py", True, "none"), ("configs/clip.py", True, "dots"),
+    ("configs/siglip.py", False, "none"), ("configs/siglip.py", True, "none"),
+])
+def test_training_embeddings_and_gradients_are_the_whole_towers(config_file, scan, remat):
     """CLIP's __call__ (last blocks at the [CLS]/EOT position; SigLIP's text at the last one)
-    against encode_image/encode_text with every token's features computed."""
-    config = tiny_zoo_model(config_file, depth=2)
-    config.scan_layers = scan
+    against encode_image/encode_text with every token's features computed. A scanned stack
+    runs depth - 1 blocks as a scan over slices of its stacked parameters, then the last."""
+    config = tiny_zoo_model(config_file, depth=3)
+    config.scan_layers, config.remat = scan, remat
     vocab = 40
     model = build_model(config, vocab, PAD, contrastive="siglip" if "siglip" in config_file else "clip")
     images = jax.random.randint(jax.random.key(0), (BATCH, 32, 32, 3), 0, 256).astype(jnp.uint8)
@@ -107,3 +110,16 @@ def test_evaluation_embeddings_are_the_whole_towers(config_file):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(apply(model.embed_text, tokens), apply(model.encode_text, tokens)[0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_scanned_tower_scans_all_but_its_last_block():
+    """The pooled path of a scanned stack is taken: its scans run depth - 1 blocks, not depth."""
+    config = tiny_zoo_model("configs/clip.py", depth=3)
+    config.scan_layers = True
+    model = build_model(config, 40, PAD, contrastive="clip")
+    images = jnp.zeros((BATCH, 32, 32, 3), jnp.uint8)
+    tokens = jnp.ones((BATCH, 9), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, tokens))(nn.unbox(params))
+    scans = [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert scans == [2, 2]  # the image tower's and the text tower's

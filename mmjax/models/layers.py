@@ -337,8 +337,9 @@ class Transformer(nn.Module):
     numerics: every block's LayerNorm ε, MLP activation and attention implementation (see Numerics).
     cross_layout: where a cross-attending block's cross-attention sits (see Block).
     query_index (int [B]): the output only at that position of each sequence, [B, 1, width];
-      without scan the last block computes only that position (see Block), a scanned stack
-      computes every position and then takes it.
+      the last block computes only that position (see Block). A scanned stack runs its first
+      depth - 1 blocks as a scan over its stacked parameters' first depth - 1 entries, then
+      the last entry as one block: the same parameters, stacked as init made them.
     """
 
     depth: int
@@ -377,6 +378,9 @@ class Transformer(nn.Module):
                 last = i == self.depth - 1
                 x = make(f"block{i}")(x, mask, context, cache_index, query_index if last else None)
             return x
+        # init and a prefill need every block's variables made, as below
+        if query_index is not None and not (self.is_initializing() or self.kv_cache):
+            return self._scan_then_one_position(x, mask, context, query_index)
         stack = nn.scan(
             lambda blk, carry, mask, context, cache_index: (blk(carry, mask, context, cache_index), None),
             variable_axes={"params": 0, "cache": 0},
@@ -387,6 +391,22 @@ class Transformer(nn.Module):
         )
         x, _ = stack(make(SCANNED_BLOCKS), x, mask, context, cache_index)
         return x if query_index is None else take_positions(x, query_index)
+
+    def _scan_then_one_position(self, x, mask, context, query_index):
+        """A scanned stack's output at query_index: nn.scan runs every block the same way, so the
+        blocks are applied here as a pure function of slices of the stacked parameters."""
+        block = Block(self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, self.kv_cache, self.numerics,
+                      self.cross_layout, parent=None)  # parent=None: a function of its parameters, not a child
+        stacked = nn.unbox(self.variables["params"][SCANNED_BLOCKS])
+
+        def apply(params, x, query_index=None):
+            return block.apply({"params": params}, x, mask, context, query_index=query_index)
+
+        if self.remat != "none":  # each block, the last one included, as nn.remat would
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
+        x, _ = jax.lax.scan(lambda carry, params: (apply(params, carry), None), x,
+                            jax.tree.map(lambda p: p[:-1], stacked))
+        return apply(jax.tree.map(lambda p: p[-1], stacked), x, query_index)
 
 
 def dense(features: int, names: Sequence[str | None], dtype, name: str, use_bias: bool = True):

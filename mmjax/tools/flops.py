@@ -70,19 +70,17 @@ def coca_forward_flops(model_cfg, image_size: int, text_len: int, vocab_size: in
 def clip_forward_flops(model_cfg, image_size: int, text_len: int, train: bool = False) -> int:
     """Forward FLOPs of one image–text pair for CLIP/SigLIP (the token lookup is free).
 
-    A tower pooled at one position computes its last block at that position only, unless its
-    blocks are scanned (mmjax.models.clip): the [CLS]-pooled ViT and every text tower."""
+    A tower pooled at one position computes its last block at that position only, scanned or
+    not (mmjax.models.clip): the [CLS]-pooled ViT and every text tower."""
     v, t = model_cfg.vision, model_cfg.text
     image, tokens = vit_flops(model_cfg, image_size, train)
-    pooled_last = not model_cfg.scan_layers
     if model_cfg.image_pool == "map":
         image += attention_flops(1, tokens, v.width, v.width) + mlp_flops(1, v.width, v.mlp_dim)
-    elif pooled_last:
+    else:
         image += pooled_block_flops(tokens, v.width, v.mlp_dim) - block_flops(tokens, v.width, v.mlp_dim)
     image += 2 * v.width * model_cfg.embed_dim
     text = t.depth * block_flops(text_len, t.width, t.mlp_dim) + 2 * t.width * model_cfg.embed_dim
-    if pooled_last:
-        text += pooled_block_flops(text_len, t.width, t.mlp_dim) - block_flops(text_len, t.width, t.mlp_dim)
+    text += pooled_block_flops(text_len, t.width, t.mlp_dim) - block_flops(text_len, t.width, t.mlp_dim)
     return image + text
 
 
