@@ -1,7 +1,7 @@
 """Test setup: 8 simulated CPU devices so sharding is tested for real, LLVM's -O0 for XLA's
 CPU kernels, and a private cache home.
 
-The suite compiles thousands of small programs and runs most of them a few times, so
+The suite compiles many small programs and runs most of them a few times, so
 compiling fast beats running fast: -O0 (--xla_backend_optimization_level=0) took the suite
 from 19:02 to 16:56 on 2 cores, every test passing; the matmuls (YNNPACK's own kernels) are
 unaffected. Users and benchmarks keep XLA's default. The runs the tests start in

@@ -29,6 +29,18 @@ MASKS = {
 }
 
 
+def tiny_model_and_batch(config_file, depth, **options):
+    """-> (model config, CLIP/SigLIP model, uint8 images, token rows with EOT at 8, 3 and 5)."""
+    config = tiny_zoo_model(config_file, depth=depth)
+    config.update(options)
+    vocab = 40
+    model = build_model(config, vocab, PAD, contrastive="siglip" if "siglip" in config_file else "clip")
+    images = jax.random.randint(jax.random.key(0), (BATCH, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    tokens = jax.random.randint(jax.random.key(1), (BATCH, 9), 1, vocab)
+    tokens = jnp.where(jnp.arange(9)[None] < jnp.array([[9], [4], [6]]), tokens, PAD)
+    return config, model, images, tokens
+
+
 @pytest.mark.parametrize("mask_name", list(MASKS))
 def test_block_at_one_position_matches_the_whole_block(mask_name):
     mask = MASKS[mask_name]
@@ -67,13 +79,7 @@ def test_training_embeddings_and_gradients_are_the_whole_towers(config_file, sca
     """CLIP's __call__ (last blocks at the [CLS]/EOT position; SigLIP's text at the last one)
     against encode_image/encode_text with every token's features computed. A scanned stack
     runs depth - 1 blocks as a scan over slices of its stacked parameters, then the last."""
-    config = tiny_zoo_model(config_file, depth=3)
-    config.scan_layers, config.remat = scan, remat
-    vocab = 40
-    model = build_model(config, vocab, PAD, contrastive="siglip" if "siglip" in config_file else "clip")
-    images = jax.random.randint(jax.random.key(0), (BATCH, 32, 32, 3), 0, 256).astype(jnp.uint8)
-    tokens = jax.random.randint(jax.random.key(1), (BATCH, 9), 1, vocab)
-    tokens = jnp.where(jnp.arange(9)[None] < jnp.array([[9], [4], [6]]), tokens, PAD)  # EOT at 8, 3, 5
+    config, model, images, tokens = tiny_model_and_batch(config_file, depth=3, scan_layers=scan, remat=remat)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(2), images, tokens)["params"])
     weights = jax.random.normal(jax.random.key(3), (2, BATCH, config.embed_dim))
 
@@ -97,13 +103,7 @@ def test_training_embeddings_and_gradients_are_the_whole_towers(config_file, sca
 @pytest.mark.parametrize("config_file", ["configs/clip.py", "configs/siglip.py"])
 def test_evaluation_embeddings_are_the_whole_towers(config_file):
     """embed_image/embed_text (what the evaluators' predictors call) against the full encoders."""
-    config = tiny_zoo_model(config_file, depth=2)
-    vocab = 40
-    contrastive = "siglip" if "siglip" in config_file else "clip"
-    model = build_model(config, vocab, PAD, contrastive=contrastive)
-    images = jax.random.randint(jax.random.key(0), (BATCH, 32, 32, 3), 0, 256).astype(jnp.uint8)
-    tokens = jax.random.randint(jax.random.key(1), (BATCH, 9), 1, vocab)
-    tokens = jnp.where(jnp.arange(9)[None] < jnp.array([[9], [4], [6]]), tokens, PAD)
+    _, model, images, tokens = tiny_model_and_batch(config_file, depth=2)
     params = nn.unbox(model.init(jax.random.key(2), images, tokens)["params"])
     apply = lambda method, x: model.apply({"params": params}, x, method=method)
     np.testing.assert_allclose(apply(model.embed_image, images), apply(model.encode_image, images)[0],
@@ -114,11 +114,7 @@ def test_evaluation_embeddings_are_the_whole_towers(config_file):
 
 def test_a_scanned_tower_scans_all_but_its_last_block():
     """The pooled path of a scanned stack is taken: its scans run depth - 1 blocks, not depth."""
-    config = tiny_zoo_model("configs/clip.py", depth=3)
-    config.scan_layers = True
-    model = build_model(config, 40, PAD, contrastive="clip")
-    images = jnp.zeros((BATCH, 32, 32, 3), jnp.uint8)
-    tokens = jnp.ones((BATCH, 9), jnp.int32)
+    _, model, images, tokens = tiny_model_and_batch("configs/clip.py", depth=3, scan_layers=True)
     params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, tokens))(nn.unbox(params))
     scans = [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]

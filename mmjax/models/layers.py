@@ -363,16 +363,7 @@ class Transformer(nn.Module):
         if self.remat != "none":
             # Under scan, CSE across iterations cannot happen: no need for its barrier.
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        make = lambda name: block(
-            self.num_heads,
-            self.mlp_dim,
-            self.cross_attention,
-            self.dtype,
-            self.kv_cache,
-            self.numerics,
-            self.cross_layout,
-            name=name,
-        )
+        make = lambda name: block(*self._block_fields(), name=name)
         if not self.scan:
             for i in range(self.depth):
                 last = i == self.depth - 1
@@ -392,11 +383,15 @@ class Transformer(nn.Module):
         x, _ = stack(make(SCANNED_BLOCKS), x, mask, context, cache_index)
         return x if query_index is None else take_positions(x, query_index)
 
+    def _block_fields(self):
+        """Block's fields, in order, for every block of this stack."""
+        return (self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, self.kv_cache, self.numerics,
+                self.cross_layout)
+
     def _scan_then_one_position(self, x, mask, context, query_index):
         """A scanned stack's output at query_index: nn.scan runs every block the same way, so the
         blocks are applied here as a pure function of slices of the stacked parameters."""
-        block = Block(self.num_heads, self.mlp_dim, self.cross_attention, self.dtype, self.kv_cache, self.numerics,
-                      self.cross_layout, parent=None)  # parent=None: a function of its parameters, not a child
+        block = Block(*self._block_fields(), parent=None)  # parent=None: a function of its parameters, not a child
         stacked = nn.unbox(self.variables["params"][SCANNED_BLOCKS])
 
         def apply(params, x, query_index=None):
